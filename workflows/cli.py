@@ -1,0 +1,70 @@
+"""`clipflow`: one command per stage, each reading the same validated config.
+
+Every stage module exposes ``add_arguments(parser)`` and ``main(cfg, args) -> int``; this file only
+wires them to argparse, so ``clipflow --help`` stays one line per stage and stage code stays testable
+without a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from workflows.config import load_config
+from workflows.errors import UserError
+
+# command -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sample-data": ("workflows.sample_data", "generate the embedded sample data set (deterministic)"),
+    "preprocess": ("workflows.preprocess", "raw image-text shards -> training shards + manifest (Ray Data)"),
+    "train": ("workflows.pretrain", "contrastive pretraining on the training shards (Ray Train)"),
+    "eval": ("workflows.evaluate", "zero-shot / retrieval eval of registered model versions"),
+    "demo": ("workflows.demo", "run every stage locally on the sample data and print a summary"),
+    "submit": ("workflows.submit", "submit a stage to a Ray cluster through the Job Submission API"),
+    "k8s": ("workflows.k8s_render", "Kubernetes helpers (`clipflow k8s render`)"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """All commands are listed; only the chosen one's module is imported (stages import Ray/MLflow)."""
+    parser = argparse.ArgumentParser(
+        prog="clipflow",
+        description="CLIP pretraining as a workflow: preprocess -> train -> register -> eval.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.add_argument("--config", default=None, help="YAML run config (default: built-in defaults)")
+        cmd.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override one config value, e.g. --set train.lr=1e-3 (repeatable)",
+        )
+        if name == command:
+            module = importlib.import_module(module_name)
+            module.add_arguments(cmd)
+            cmd.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    args = build_parser(command).parse_args(argv)
+    try:
+        overrides = list(args.overrides)
+        if getattr(args, "home", None):  # `clipflow demo --home DIR` is `--set home=DIR`
+            overrides.append(f"home={args.home}")
+        cfg = load_config(args.config, overrides)
+        return int(args._module.main(cfg, args) or 0)
+    except UserError as exc:
+        print(f"clipflow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"clipflow {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

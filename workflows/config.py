@@ -1,0 +1,312 @@
+"""One typed run config drives every stage.
+
+The defaults ARE the embedded demo (a small CPU run on the generated sample data); cluster configs in
+``configs/`` override sizes and URIs. The paper's recipe values are in ``configs/vit_*.yaml``.
+
+A YAML file plus ``--set section.key=value`` overrides are merged onto the defaults below and
+validated on load: unknown keys are errors (with the closest valid key suggested) and every value
+is checked against its field's type. ``{home}`` in any string is replaced by ``home``, so one
+config runs on a laptop (``home: .clipflow``) and on a cluster (``home: s3://bucket/clipflow``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from workflows.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config that cannot run; the message says which key and what to do."""
+
+
+@dataclass
+class SampleDataConfig:
+    """The embedded sample data set (`clipflow sample-data`)."""
+
+    output: str = "{home}/data"
+    seed: int = 0
+    train_samples: int = 4000
+    train_shards: int = 4
+    image_size: int = 96  # raw images are larger than the training resolution, so resize is real
+    zeroshot_per_class: int = 10
+    retrieval_samples: int = 200
+    bad_samples: bool = True  # corrupt JPEG, empty caption, truncated tar member, ...
+
+
+@dataclass
+class PreprocessConfig:
+    """Raw image-text shards -> training shards (Parquet + manifest.json)."""
+
+    inputs: list[str] = field(default_factory=lambda: ["{home}/data/raw/*.tar"])
+    input_format: Literal["auto", "webdataset", "parquet", "csv", "jsonl"] = "auto"
+    output: str = "{home}/data/train"
+    image_size: int = 64
+    resize_mode: Literal["center_crop", "keep_aspect"] = "center_crop"
+    jpeg_quality: int = 90
+    min_side: int = 32
+    max_aspect_ratio: float = 3.0
+    max_image_pixels: int = 89_478_485  # decompression-bomb guard (PIL's default limit)
+    caption_min_chars: int = 1
+    caption_max_chars: int = 1000
+    dedup: Literal["none", "image", "image_caption"] = "image"
+    rows_per_shard: int = 1000
+
+
+@dataclass
+class TokenizerConfig:
+    """Where the BPE vocabulary comes from."""
+
+    source: Literal["train", "openai_bpe", "path"] = "train"
+    vocab_size: int = 1024  # source=train: size of the vocabulary learned from the captions
+    bpe_path: str = ""  # source=openai_bpe: path to bpe_simple_vocab_16e6.txt.gz
+    path: str = ""  # source=path: a directory written by Tokenizer.save
+    context_length: int = 32  # the demo's captions are short; the paper's models use 77
+
+
+@dataclass
+class ModelConfig:
+    """Which clip_core architecture, and its training-time options."""
+
+    name: str = "demo-vit"
+    grad_checkpointing: bool = False
+    patch_dropout: float = 0.0
+    freeze_image: bool = False
+    freeze_text: bool = False
+    compile: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """The paper's optimisation recipe by default (AdamW 0.9/0.98/1e-6, wd 0.2, warmup + cosine)."""
+
+    data: str = "{home}/data/train"  # directory with the training shards and manifest.json
+    global_batch_size: int = 128
+    micro_batch_size: int = 0  # per-worker forward batch cap; 0 = no cap (no accumulation)
+    epochs: int = 6
+    max_steps: int = 0  # 0 = derived from epochs and the manifest's row count
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip_norm: float = 0.0  # 0 = off
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    loss: Literal["clip", "siglip"] = "clip"
+    local_loss: bool = False
+    gather_with_grad: bool = True
+    augment: bool = True  # random resized crop on the training images
+    gpu_decode: bool = False
+    seed: int = 0
+    log_every: int = 5
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    zero_shot_every: int = 0  # in-process zero-shot eval every N steps; 0 = off
+
+
+@dataclass
+class ScalingConfig:
+    """Elastic worker range; on KubeRay pair it with the GPU group's min/max replicas."""
+
+    min_workers: int = 2
+    max_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional on small machines, so Ray Data's tasks are not starved
+    max_failures: int = 3
+
+
+@dataclass
+class StorageConfig:
+    """Where Ray Train writes checkpoints: a local directory or s3://bucket/prefix."""
+
+    path: str = "{home}/runs"
+    s3_endpoint: str = ""  # S3-compatible endpoint, e.g. http://127.0.0.1:9000; "" = AWS
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else a local store under home
+    experiment: str = "clipflow-demo"
+    registered_model: str = "clipflow-demo"
+    publish_every: int = 1  # register every N-th checkpoint (the final one always)
+    system_metrics: bool = True
+    buffer_size: int = 10_000  # metrics kept while the server is unreachable
+
+
+@dataclass
+class EvalConfig:
+    zeroshot: list[str] = field(default_factory=lambda: ["{home}/data/eval/zeroshot"])
+    retrieval: list[str] = field(default_factory=lambda: ["{home}/data/eval/retrieval"])
+    templates: str = ""  # YAML list of prompt templates; "" = clip_core's default set
+    batch_size: int = 128
+    primary_metric: str = "zeroshot/acc1"
+    lease_seconds: int = 900
+    num_actors: int = 1
+
+
+@dataclass
+class K8sConfig:
+    namespace: str = "clipflow"
+    image: str = "ghcr.io/clipflow/clipflow:0.1.0"
+    ray_cluster: str = "clipflow"
+
+
+@dataclass
+class Config:
+    name: str = "demo"
+    home: str = ".clipflow"
+    sample_data: SampleDataConfig = field(default_factory=SampleDataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    k8s: K8sConfig = field(default_factory=K8sConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, validated; ``{home}`` expanded."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        raw = loaded
+    for item in overrides or []:
+        _apply_override(raw, item)
+    cfg = _build(Config, raw, "")
+    _expand_home(cfg, cfg.home)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def flatten_config(cfg: Config) -> dict[str, Any]:
+    """``{"train.lr": 5e-4, ...}``: the form MLflow params and ``--set`` use."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = value
+
+    walk("", config_to_dict(cfg))
+    return out
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value (e.g. train.lr=1e-3), got {item!r}")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {_join(where, close[0])!r}?" if close else ""
+            valid = ", ".join(fields)
+            raise ConfigError(f"unknown config key {_join(where, str(key))!r}{hint} (valid: {valid})")
+    kwargs = {name: _coerce(hints[name], raw[name], _join(where, name)) for name in fields if name in raw}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(option, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError("; ".join(errors))
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported config type {tp}")
+
+
+def _expand_home(node: Any, home: str) -> None:
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _expand_home(value, home)
+        elif isinstance(value, str) and f.name != "home":
+            setattr(node, f.name, value.replace("{home}", home))
+        elif isinstance(value, list):
+            setattr(node, f.name, [v.replace("{home}", home) if isinstance(v, str) else v for v in value])
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
