@@ -1,0 +1,34 @@
+# clipflow's image for every Ray pod (head, GPU and CPU workers, job submitters) on Kubernetes.
+# Base: the official Ray GPU image of the Ray that pyproject.toml pins, on Python 3.11 (the
+# RayCluster's rayVersion must match it). The project is installed on top without replacing the
+# image's torch, numpy or ray: what the image ships is turned into pip constraints first (an image
+# without torch gets PyPI's default Linux wheel, which is the CUDA build).
+#
+#   docker build -t ghcr.io/clipflow/clipflow:0.1.0 . && docker push ghcr.io/clipflow/clipflow:0.1.0
+FROM rayproject/ray:2.60.0-py311-gpu
+
+ARG OPENCLIP_PIN=open-clip-torch==3.3.0
+WORKDIR /opt/clipflow
+USER root
+RUN mkdir -p /opt/clipflow && chown ray:users /opt/clipflow
+USER ray
+
+COPY --chown=ray:users pyproject.toml README.md ray_cluster.yaml ./
+COPY --chown=ray:users clip_core ./clip_core
+COPY --chown=ray:users workflows ./workflows
+COPY --chown=ray:users configs ./configs
+COPY --chown=ray:users k8s/schemas ./k8s/schemas
+RUN pip freeze | grep -iE '^(torch|numpy|ray)==' > /tmp/image-constraints.txt && \
+    cat /tmp/image-constraints.txt && \
+    pip install --no-cache-dir -c /tmp/image-constraints.txt -e .
+
+# The OpenAI BPE vocabulary (tokenizer.source=path in configs/vit_*.yaml): OpenCLIP ships the file;
+# it is installed without its dependencies only to copy the vocabulary, then removed.
+RUN pip install --no-cache-dir --no-deps "${OPENCLIP_PIN}" && \
+    python -c "import importlib.util, pathlib; \
+from clip_core import Tokenizer; \
+bpe = pathlib.Path(importlib.util.find_spec('open_clip').origin).parent / 'bpe_simple_vocab_16e6.txt.gz'; \
+Tokenizer.from_openai_bpe(str(bpe)).save('/opt/clipflow/openai-bpe-tokenizer')" && \
+    pip uninstall -y open-clip-torch
+
+ENV RAY_TRAIN_V2_ENABLED=1

@@ -1,0 +1,342 @@
+"""The Kubernetes manifests, checked offline: schemas, semantics, cross-file consistency, rendering.
+
+No API server runs here, so each manifest is validated the way `kubectl apply --validate=strict` and
+the KubeRay operator would: core kinds against the pinned Kubernetes schema, KubeRay kinds against the
+vendored v1 CRD schemas, plus the project's own rules. Each validator is also shown to reject broken
+input, so a passing check means something.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+import ray
+import yaml
+
+from workflows import k8s_render
+from workflows.cli import COMMANDS, build_parser, main
+from workflows.config import load_config
+from workflows.errors import UserError
+from workflows.manifests import (KUBERNETES_VERSION, PROJECT_ROOT, gpus_of, load_documents, manifest_files,
+                                 validate_manifest)
+
+K8S = PROJECT_ROOT / "k8s"
+CLUSTER = PROJECT_ROOT / "ray_cluster.yaml"
+SECRET_TEMPLATES = sorted((K8S / "secrets").glob("*.template.yaml"))
+# Under k8s/ but deliberately not applied by `kubectl apply -k k8s/`: credentials are created by hand.
+NOT_IN_KUSTOMIZATION = {p.relative_to(K8S).as_posix() for p in SECRET_TEMPLATES}
+
+
+def all_docs() -> Iterator[tuple[Path, dict[str, Any]]]:
+    for path in manifest_files():
+        for doc in load_documents(path):
+            yield path, doc
+
+
+def ray_jobs() -> list[tuple[Path, dict[str, Any]]]:
+    """(file, RayJob spec) for every RayJob and RayCronJob template shipped."""
+    out = []
+    for path, doc in all_docs():
+        if doc["kind"] == "RayJob":
+            out.append((path, doc["spec"]))
+        elif doc["kind"] == "RayCronJob":
+            out.append((path, doc["spec"]["jobTemplate"]))
+    return out
+
+
+def containers(node: Any) -> Iterator[dict[str, Any]]:
+    """Every container/initContainer anywhere in a manifest."""
+    if isinstance(node, dict):
+        for key in ("containers", "initContainers"):
+            if isinstance(node.get(key), list):
+                yield from node[key]
+        for value in node.values():
+            yield from containers(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from containers(value)
+
+
+def secret_refs(node: Any) -> Iterator[tuple[str, str]]:
+    if isinstance(node, dict):
+        ref = node.get("secretKeyRef")
+        if isinstance(ref, dict):
+            yield ref["name"], ref["key"]
+        for value in node.values():
+            yield from secret_refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from secret_refs(value)
+
+
+# --- every manifest is valid -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: p.relative_to(PROJECT_ROOT).as_posix())
+def test_manifest_parses_and_validates(path: Path) -> None:
+    docs = load_documents(path)
+    assert docs, f"{path} has no documents"
+    for doc in docs:
+        assert validate_manifest(doc) == []
+
+
+def test_every_kind_is_checked_by_a_schema() -> None:
+    kinds = {doc["kind"] for _, doc in all_docs()}
+    assert {"RayCluster", "RayJob", "RayCronJob", "Namespace", "Deployment", "Service", "StatefulSet",
+            "ServiceAccount", "Role", "RoleBinding", "Secret"} <= kinds
+
+
+# --- the validators reject what the API server / operator would ---------------------------------------
+
+def _cluster() -> dict[str, Any]:
+    return copy.deepcopy(load_documents(CLUSTER)[0])
+
+
+def _gpu_group(doc: dict[str, Any]) -> dict[str, Any]:
+    return next(g for g in doc["spec"]["workerGroupSpecs"] if gpus_of(g))
+
+
+def _head_container(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+
+
+BROKEN_CLUSTERS: dict[str, tuple[Callable[[dict], None], str]] = {
+    "wrong type": (lambda d: _gpu_group(d).update(maxReplicas="4"), "is not of type 'integer'"),
+    "unknown enum": (lambda d: d["spec"]["autoscalerOptions"].update(upscalingMode="Fast"), "is not one of"),
+    "missing required": (lambda d: _gpu_group(d).pop("groupName"), "'groupName' is a required property"),
+    "unknown field": (lambda d: d["spec"].update(enableInTreeAutoscalling=True), "Additional properties"),
+    "nested unknown field": (lambda d: _head_container(d).update(imagePullPolicyy="Always"), "Additional properties"),
+    "bad quantity": (lambda d: _head_container(d)["resources"]["limits"].update(cpu="eight"), "does not match"),
+    "gpu on head": (lambda d: _head_container(d)["resources"]["limits"].update({"nvidia.com/gpu": "1"}),
+                    "the head must have no GPUs"),
+    "head runs tasks": (lambda d: d["spec"]["headGroupSpec"]["rayStartParams"].pop("num-cpus"), "num-cpus"),
+    "no autoscaling": (lambda d: d["spec"].update(enableInTreeAutoscaling=False), "enableInTreeAutoscaling"),
+    "min above max": (lambda d: _gpu_group(d).update(minReplicas=5, replicas=5), "minReplicas (5)"),
+    "no limits": (lambda d: _head_container(d)["resources"].pop("limits"), "resources.limits.cpu is not set"),
+    "no shm": (lambda d: _gpu_group(d)["template"]["spec"].pop("volumes"), "/dev/shm"),
+    "root": (lambda d: [d["spec"]["headGroupSpec"]["template"]["spec"]["securityContext"].pop("runAsNonRoot"),
+                        _head_container(d)["securityContext"].pop("runAsNonRoot")], "runAsNonRoot"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_CLUSTERS))
+def test_broken_ray_cluster_is_rejected(name: str) -> None:
+    mutate, expected = BROKEN_CLUSTERS[name]
+    doc = _cluster()
+    assert validate_manifest(doc) == []
+    mutate(doc)
+    errors = validate_manifest(doc)
+    assert any(expected in e for e in errors), errors
+
+
+def _rayjob() -> dict[str, Any]:
+    return copy.deepcopy(load_documents(K8S / "rayjob-train.yaml")[0])
+
+
+BROKEN_JOBS: dict[str, tuple[Callable[[dict], None], str]] = {
+    "submission mode": (lambda d: d["spec"].update(submissionMode="BatchMode"), "submissionMode"),
+    "wrong type": (lambda d: d["spec"].update(backoffLimit="2"), "is not of type 'integer'"),
+    "cluster twice": (lambda d: d["spec"].update(clusterSelector={"ray.io/cluster": "clipflow"}), "exactly one"),
+    "ttl without shutdown": (lambda d: d["spec"].update(shutdownAfterJobFinishes=False), "shutdownAfterJobFinishes"),
+    "broken cluster inside": (lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"].pop("template"),
+                              "'template' is a required property"),
+    "unknown field": (lambda d: d["spec"].update(entrypointt="clipflow train"), "Additional properties"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_JOBS))
+def test_broken_ray_job_is_rejected(name: str) -> None:
+    mutate, expected = BROKEN_JOBS[name]
+    doc = _rayjob()
+    mutate(doc)
+    assert any(expected in e for e in validate_manifest(doc)), validate_manifest(doc)
+
+
+def test_broken_core_manifests_are_rejected() -> None:
+    (service, deployment) = load_documents(K8S / "mlflow.yaml")
+    assert validate_manifest(deployment) == []
+    bad = copy.deepcopy(deployment)
+    bad["spec"]["replicas"] = "one"
+    assert any("replicas" in e for e in validate_manifest(bad))
+    bad = copy.deepcopy(deployment)
+    bad["spec"]["template"]["spec"]["containers"][0]["livenessprobe"] = {}  # typo: strict schema rejects it
+    assert validate_manifest(bad)
+    bad = copy.deepcopy(deployment)
+    bad["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] = False
+    assert any("readOnlyRootFilesystem" in e for e in validate_manifest(bad))
+    bad = copy.deepcopy(service)
+    bad["spec"]["ports"][0]["port"] = "http"
+    assert validate_manifest(bad)
+
+
+def test_kubernetes_schema_version_is_shipped() -> None:
+    import kubernetes_validate
+
+    assert kubernetes_validate.validate(load_documents(K8S / "namespace.yaml")[0], KUBERNETES_VERSION,
+                                        strict=True) == KUBERNETES_VERSION.rsplit(".", 1)[0]
+
+
+# --- kustomize --------------------------------------------------------------------------------------
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = kustomization["resources"]
+    assert len(listed) == len(set(listed))
+    for resource in listed:
+        assert (K8S / resource).is_file(), f"kustomization lists missing {resource}"
+        assert load_documents(K8S / resource)
+    on_disk = {p.relative_to(K8S).as_posix() for p in K8S.rglob("*.yaml")} - {"kustomization.yaml"}
+    assert on_disk - set(listed) == NOT_IN_KUSTOMIZATION
+    assert kustomization["namespace"] == load_documents(K8S / "namespace.yaml")[0]["metadata"]["name"]
+
+
+# --- cross-file consistency ---------------------------------------------------------------------------
+
+def test_ray_version_is_the_pinned_ray() -> None:
+    cluster_versions = {doc["spec"]["rayVersion"] for _, doc in all_docs() if doc["kind"] == "RayCluster"}
+    cluster_versions |= {spec["rayClusterSpec"]["rayVersion"] for _, spec in ray_jobs()}
+    assert cluster_versions == {ray.__version__}
+    pyproject = (PROJECT_ROOT / "pyproject.toml").read_text()
+    pin = re.search(r'"ray\[[^\]]*\]==([0-9.*]+)"', pyproject).group(1)
+    assert re.fullmatch(pin.replace(".", r"\.").replace("*", r"\d+"), ray.__version__)
+    base = re.search(r"^FROM (\S+)", (PROJECT_ROOT / "Dockerfile").read_text(), re.M).group(1)
+    assert base == f"rayproject/ray:{ray.__version__}-py311-gpu"
+
+
+def test_one_project_image_everywhere() -> None:
+    images = {c["image"] for _, doc in all_docs() if doc["kind"].startswith("Ray") for c in containers(doc)}
+    configs = {load_config(PROJECT_ROOT / c).k8s.image for c in referenced_configs()}
+    assert len(images) == 1 and images == configs
+
+
+def test_mlflow_image_matches_pinned_mlflow() -> None:
+    import mlflow
+
+    dockerfile = (K8S / "mlflow.Dockerfile").read_text()
+    assert re.search(r"^FROM ghcr\.io/mlflow/mlflow:v(\S+)$", dockerfile, re.M).group(1) == mlflow.__version__
+    _, deployment = load_documents(K8S / "mlflow.yaml")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"].endswith(f":{mlflow.__version__}")
+    assert f"-t {container['image']}" in dockerfile  # the build command produces the deployed tag
+    args = " ".join(container["args"])
+    assert "--backend-store-uri=postgresql://" in args and "--artifacts-destination=s3://" in args
+    assert {"readinessProbe", "livenessProbe"} <= set(container)
+
+
+def referenced_configs() -> set[str]:
+    """Config paths named by the entrypoints of the shipped RayJobs."""
+    out = set()
+    for _, spec in ray_jobs():
+        argv = shlex.split(spec["entrypoint"])
+        out.add(argv[argv.index("--config") + 1])
+    return out
+
+
+def test_entrypoints_are_real_clipflow_commands() -> None:
+    assert ray_jobs()
+    for path, spec in ray_jobs():
+        argv = shlex.split(spec["entrypoint"])
+        assert argv[0] == "clipflow" and argv[1] in COMMANDS, f"{path}: {spec['entrypoint']}"
+        args = build_parser(argv[1]).parse_args(argv[1:])  # the stage's own parser accepts the flags
+        assert (PROJECT_ROOT / args.config).is_file(), f"{path}: config {args.config} does not exist"
+        cfg = load_config(PROJECT_ROOT / args.config, args.overrides)
+        assert cfg.k8s.namespace == "clipflow"
+
+
+def test_configs_track_to_the_in_cluster_mlflow_service() -> None:
+    service, _ = load_documents(K8S / "mlflow.yaml")
+    port = service["spec"]["ports"][0]["port"]
+    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    for config in referenced_configs():
+        assert load_config(PROJECT_ROOT / config).mlflow.tracking_uri == \
+            f"http://{name}.{namespace}.svc.cluster.local:{port}"
+
+
+def test_every_secret_reference_has_a_template_and_no_value_is_committed() -> None:
+    templates: dict[str, set[str]] = {}
+    for path in SECRET_TEMPLATES:
+        (secret,) = load_documents(path)
+        assert secret["kind"] == "Secret" and "data" not in secret
+        assert all(value == "" for value in secret["stringData"].values()), f"{path} holds a value"
+        templates[secret["metadata"]["name"]] = set(secret["stringData"])
+    refs = {ref for _, doc in all_docs() for ref in secret_refs(doc)}
+    assert refs, "no secretKeyRef found"
+    for name, key in refs:
+        assert key in templates.get(name, set()), f"secretKeyRef {name}/{key} has no template"
+    for _, doc in all_docs():
+        if doc["kind"] == "Secret":
+            assert all(v == "" for v in doc.get("stringData", {}).values()) and not doc.get("data")
+
+
+def test_gpu_workers_request_gpus_and_tolerate_gpu_nodes() -> None:
+    group = _gpu_group(_cluster())
+    pod = group["template"]["spec"]
+    assert gpus_of(group) > 0 and pod["nodeSelector"] and pod["tolerations"]
+    cpu_groups = [g for g in _cluster()["spec"]["workerGroupSpecs"] if not gpus_of(g)]
+    assert len(cpu_groups) == 1 and cpu_groups[0]["maxReplicas"] > 0
+
+
+# --- clipflow k8s render ------------------------------------------------------------------------------
+
+GENERATED = sorted(p for p in K8S.glob("ray*job-*.yaml"))
+
+
+@pytest.mark.parametrize("path", GENERATED, ids=lambda p: p.name)
+def test_committed_jobs_are_the_render_output(path: Path, tmp_path: Path) -> None:
+    """Each generated file names its command in line 1; re-running it reproduces the file."""
+    header = path.read_text().splitlines()[0]
+    command = re.fullmatch(r"# Generated by `(clipflow k8s render .*)`;.*", header).group(1)
+    argv = shlex.split(command)[1:]
+    out = tmp_path / "out.yaml"
+    argv = [a if not a.startswith("configs/") else str(PROJECT_ROOT / a) for a in argv]
+    assert main([*argv, "--output", str(out)]) == 0
+    assert load_documents(out) == load_documents(path), f"{path} is stale: re-run `{command}`"
+
+
+def test_render_takes_sizes_image_and_namespace_from_the_config(capsys: pytest.CaptureFixture[str]) -> None:
+    config = PROJECT_ROOT / "configs" / "vit_b32_laion400m.yaml"
+    assert main(["k8s", "render", "--config", str(config), "--set", "scaling.min_workers=9",
+                 "--set", "scaling.max_workers=20", "--set", "k8s.image=registry.example/clip:7",
+                 "--set", "k8s.namespace=research"]) == 0
+    (doc,) = yaml.safe_load_all(capsys.readouterr().out)
+    assert validate_manifest(doc) == []
+    assert doc["metadata"]["namespace"] == "research"
+    assert shlex.split(doc["spec"]["entrypoint"]) == [
+        "clipflow", "train", "--config", "configs/vit_b32_laion400m.yaml", "--set", "scaling.min_workers=9",
+        "--set", "scaling.max_workers=20", "--set", "k8s.image=registry.example/clip:7",
+        "--set", "k8s.namespace=research"]
+    spec = doc["spec"]["rayClusterSpec"]
+    gpu = _gpu_group({"spec": spec})
+    per_pod = gpus_of(gpu)
+    assert (gpu["minReplicas"], gpu["replicas"], gpu["maxReplicas"]) == (
+        -(-9 // per_pod), -(-9 // per_pod), -(-20 // per_pod))
+    assert {c["image"] for c in containers(doc)} == {"registry.example/clip:7"}
+
+
+def test_render_stages_size_the_gpu_group() -> None:
+    config = PROJECT_ROOT / "configs" / "vit_b32_laion400m.yaml"
+    cfg = load_config(config)
+    pre = k8s_render.render(cfg, str(config), "preprocess")
+    assert not [g for g in pre["spec"]["rayClusterSpec"]["workerGroupSpecs"] if gpus_of(g)]
+    assert shlex.split(pre["spec"]["entrypoint"])[:2] == ["clipflow", "preprocess"]
+    ev = k8s_render.render(cfg, str(config), "eval", schedule="0 * * * *")
+    assert ev["kind"] == "RayCronJob" and validate_manifest(ev) == []
+    gpu = _gpu_group({"spec": ev["spec"]["jobTemplate"]["rayClusterSpec"]})
+    assert (gpu["minReplicas"], gpu["maxReplicas"]) == (0, -(-cfg.eval.num_actors // gpus_of(gpu)))
+    assert "--pending" in shlex.split(ev["spec"]["jobTemplate"]["entrypoint"])
+    cpu_cfg = load_config(config, ["scaling.use_gpu=false"])
+    train = k8s_render.render(cpu_cfg, str(config), "train", ["scaling.use_gpu=false"])
+    assert not [g for g in train["spec"]["rayClusterSpec"]["workerGroupSpecs"] if gpus_of(g)]
+
+
+def test_render_rejects_a_config_the_cluster_cannot_see(tmp_path: Path, capsys) -> None:
+    outside = tmp_path / "mine.yaml"
+    outside.write_text("name: mine\n")
+    assert main(["k8s", "render", "--config", str(outside)]) == 2
+    assert "outside the project" in capsys.readouterr().err
+    with pytest.raises(UserError, match="longer than"):
+        k8s_render.render(load_config(None, ["name=" + "x" * 60]), None, "train")
