@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from workflows.accumulation import check_world_sizes
 from workflows.config import ConfigError, dump_config, flatten_config, load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,7 +68,8 @@ def test_flatten_and_dump_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path: Path) -> None:
     cfg = load_config(path)
-    assert cfg.train.global_batch_size > 0
+    # every world size the elastic range allows must divide the global batch (else prepare_run refuses it)
+    check_world_sizes(cfg.train.global_batch_size, cfg.scaling.min_workers, cfg.scaling.max_workers)
 
 
 def test_demo_config_is_the_builtin_default() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -86,24 +87,36 @@ def _dashboard_missing() -> str | None:
     return f"the Ray job server needs ray[default] ({error})" if error else None
 
 
+HEAD_TOKEN = secrets.token_hex(32)
+
+
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[str]:
-    """A private Ray head with the job server; yields its http address."""
+    """A private Ray head with the job server and token auth (``HEAD_TOKEN``); yields its http address."""
     missing = _dashboard_missing()
     if missing:
         pytest.skip(missing)
     tmp = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))  # short: Ray's socket paths are length-limited
-    port, dash = free_port(), free_port()
+    dash = free_port()
+    # Every port Ray would otherwise default (agent 52365, metrics, ...) is a free one: another Ray runtime
+    # on this machine (the suite's own) already holds the defaults.
+    ports = {flag: free_port() for flag in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                            "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")}
     env = {**os.environ, "RAY_TMPDIR": str(tmp), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": HEAD_TOKEN}
     start = subprocess.run(
-        [str(BIN / "ray"), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
-         f"--temp-dir={tmp}"], env=env, capture_output=True, text=True, timeout=120)
+        [str(BIN / "ray"), "start", "--head", *(f"--{flag}={p}" for flag, p in ports.items()),
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
+         "--disable-usage-stats", f"--temp-dir={tmp}"], env=env, capture_output=True, text=True, timeout=120)
     try:
         assert start.returncode == 0, start.stdout + start.stderr
         address = f"http://127.0.0.1:{dash}"
-        wait_http(f"{address}/api/version", timeout=60)
+        try:
+            wait_http(f"{address}/api/version", timeout=120)
+        except UserError:
+            logs = sorted(tmp.glob("session_latest/logs/dashboard*.log")) + sorted(tmp.glob("session_latest/logs/raylet.out"))
+            raise AssertionError("the Ray dashboard did not come up; its logs end with:\n" + "\n".join(
+                f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:]) for p in logs))
         yield address
     finally:
         _stop_ray_under(tmp)
@@ -135,7 +148,8 @@ def _stop_ray_under(tmp: Path) -> None:
 
 @pytest.mark.integration
 @pytest.mark.timeout(180)
-def test_submit_runs_a_stage_on_a_real_ray_head(ray_head: str, tmp_path: Path, capsys) -> None:
+def test_submit_runs_a_stage_on_a_real_ray_head(ray_head: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("RAY_AUTH_TOKEN", HEAD_TOKEN)
     home = tmp_path / "home"
     code = main(["submit", "--address", ray_head, "--stage", "sample-data", "--config", str(CONFIG),
                  "--set", "sample_data.train_samples=20", "--set", "sample_data.train_shards=1",
@@ -154,11 +168,20 @@ def test_submit_runs_a_stage_on_a_real_ray_head(ray_head: str, tmp_path: Path, c
 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
-def test_failed_job_exits_non_zero(ray_head: str, tmp_path: Path, capsys) -> None:
+def test_failed_job_exits_non_zero(ray_head: str, tmp_path: Path, capsys, monkeypatch) -> None:
     """A stage that fails on the cluster (here: its home is a file, not a directory) fails `submit --wait`."""
+    monkeypatch.setenv("RAY_AUTH_TOKEN", HEAD_TOKEN)
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
     code = main(["submit", "--address", ray_head, "--stage", "sample-data", "--set", f"home={not_a_dir}",
                  "--wait", "--timeout", "100"])
     out = capsys.readouterr().out
     assert code == 1 and "status      FAILED" in out
+
+
+@pytest.mark.integration
+def test_wrong_token_is_one_line_error(ray_head: str, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    assert main(["submit", "--address", ray_head, "--stage", "sample-data"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs the cluster's auth token" in err and len(err.splitlines()) == 1

@@ -40,6 +40,8 @@ class SampleDataConfig:
     zeroshot_per_class: int = 10
     retrieval_samples: int = 200
     bad_samples: bool = True  # corrupt JPEG, empty caption, truncated tar member, ...
+    # held-out zero-shot classes: the 8 colours (learnt in minutes on a CPU) or the 8 shapes (harder)
+    zeroshot_task: Literal["color", "shape"] = "color"
 
 
 @dataclass
@@ -111,6 +113,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     zero_shot_every: int = 0  # in-process zero-shot eval every N steps; 0 = off
+    # Added by the training stage:
+    resume_from: str = ""  # a checkpoint directory (local or s3://) to continue from; "" = fresh run
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = GPU table / measured on CPU
 
 
 @dataclass

@@ -36,6 +36,10 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
             with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status < 500:
                     return
+        except urllib.error.HTTPError as exc:  # answering is enough: e.g. 401 from Ray's token auth
+            if exc.code < 500:
+                return
+            time.sleep(0.25)
         except OSError:
             time.sleep(0.25)
     raise UserError(f"{url} did not answer within {timeout:.0f} s")

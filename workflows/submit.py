@@ -121,11 +121,26 @@ def connect(address: str):
     """A JobSubmissionClient, or a one-line error saying how to reach the head node."""
     from ray.job_submission import JobSubmissionClient
 
+    from ray.exceptions import AuthenticationError
+
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=auth_headers())
+    except AuthenticationError:
+        raise UserError(f"the Ray job server at {address} refused the request: it needs the cluster's auth token; "
+                        "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the token the head was started with") from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UserError(f"cannot reach the Ray job server at {address} ({exc}); on Kubernetes run "
                         "`kubectl -n clipflow port-forward svc/clipflow-head-svc 8265:8265` first") from None
+
+
+def auth_headers() -> dict[str, str]:
+    """The cluster token where Ray's CLI looks ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), sent
+    explicitly: Ray only sends it itself when this process runs with RAY_AUTH_MODE=token."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        token = path.read_text().strip() if path.is_file() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def wait_for(client, job_id: str, timeout: float | None) -> str:

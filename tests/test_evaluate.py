@@ -1,0 +1,138 @@
+"""`clipflow eval` against a real ``mlflow server`` and local Ray: results, bad versions, concurrent jobs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from clip_core import Tokenizer, load_checkpoint
+from mlflow_helpers import (make_checkpoint, make_config, make_eval_sets, publish, train_tokenizer, training_run,
+                            unique_name)
+from workflows import registry
+from workflows.errors import UserError
+from workflows.evaluate import run_eval, zero_shot_in_process
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def env(mlflow_server, ray_runtime, tmp_path_factory):
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    root = tmp_path_factory.mktemp("eval")
+    zeroshot, retrieval = make_eval_sets(root / "data")
+    tokenizer = train_tokenizer()
+    checkpoints = [make_checkpoint(root / f"ckpt{i}", tokenizer, seed=i, step=10 * (i + 1)) for i in range(3)]
+    client = MlflowClient(mlflow_server.uri)
+    return {"client": client, "server": mlflow_server, "root": root, "zeroshot": zeroshot, "retrieval": retrieval,
+            "tokenizer": tokenizer, "checkpoints": checkpoints, "run_id": training_run(client)}
+
+
+def _config(env, name: str):
+    return make_config(env["root"], env["server"].uri, name, zeroshot=env["zeroshot"], retrieval=env["retrieval"])
+
+
+def _publish_all(env, name: str) -> list[str]:
+    return [publish(env["client"], name, env["run_id"], ckpt, step=10 * (i + 1))
+            for i, ckpt in enumerate(env["checkpoints"])]
+
+
+def test_eval_one_version_logs_results_tags_and_aliases(env):
+    client, name = env["client"], unique_name("ev")
+    version = publish(client, name, env["run_id"], env["checkpoints"][0], step=10)
+    cfg = _config(env, name)
+    (result,) = run_eval(cfg, version=version)
+    assert result["status"] == "done", result
+    m = result["metrics"]
+    for key in ("zeroshot/acc1", "zeroshot/acc5", "zeroshot/mean_per_class_recall",
+                "retrieval/image_retrieval_recall@1", "retrieval/text_retrieval_recall@5",
+                "retrieval/image_retrieval_recall@10"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["zeroshot/acc5"] == 1.0  # 3 classes: top-5 covers all
+    assert result["num_classes"] == 3 and m["zeroshot/images"] == 12
+    # Ray Data's actor pool gives the same numbers as the in-process path (training's periodic eval)
+    checkpoint = load_checkpoint(env["checkpoints"][0])
+    local = zero_shot_in_process(checkpoint.model.eval(), checkpoint.tokenizer, cfg)
+    assert local["zeroshot/acc1"] == pytest.approx(m["zeroshot/acc1"])
+    assert local["zeroshot/mean_per_class_recall"] == pytest.approx(m["zeroshot/mean_per_class_recall"])
+
+    mv = client.get_model_version(name, version)
+    assert mv.tags["eval_status"] == "done" and mv.tags["eval_run_id"] == result["eval_run_id"]
+    assert float(mv.tags["eval.zeroshot/acc1"]) == pytest.approx(m["zeroshot/acc1"], abs=1e-5)
+    assert set(result["aliases"]) == {"latest-evaluated", "champion"}
+    eval_run = client.get_run(result["eval_run_id"])
+    assert eval_run.info.status == "FINISHED"
+    assert eval_run.data.tags["clipflow.model_version"] == version
+    assert eval_run.data.metrics["zeroshot/acc1"] == pytest.approx(m["zeroshot/acc1"])
+    artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id, "zeroshot")}
+    assert {"zeroshot/per_class_accuracy.json", "zeroshot/confusion_matrix.png"} <= artifacts
+    history = client.get_metric_history(env["run_id"], "eval/zeroshot/acc1")
+    assert [h.step for h in history if h.value == pytest.approx(m["zeroshot/acc1"])] == [10]
+
+
+def _artifact_file(server, mv, name: str) -> Path:
+    model_id = mv.source.removeprefix("models:/")
+    (path,) = Path(server.root, "artifacts").glob(f"**/{model_id}/**/checkpoint/{name}")
+    return path
+
+
+def test_bad_versions_fail_with_reason_and_do_not_block_others(env):
+    client, name = env["client"], unique_name("bad")
+    good, corrupt, missing = _publish_all(env, name)
+    _artifact_file(env["server"], client.get_model_version(name, corrupt), "model.pt").write_bytes(b"garbage")
+    _artifact_file(env["server"], client.get_model_version(name, missing), "model.pt").unlink()
+    cfg = _config(env, name)
+
+    other = Tokenizer.train(["completely different words here"] * 20, vocab_size=530, context_length=16)
+    other.save(env["root"] / "other-tokenizer")
+    mismatched = make_config(env["root"], env["server"].uri, name, zeroshot=env["zeroshot"])
+    mismatched.tokenizer.source, mismatched.tokenizer.path = "path", str(env["root"] / "other-tokenizer")
+    (refused,) = run_eval(mismatched, version=good)
+    assert refused["status"] == "refused" and "tokenizer mismatch" in refused["reason"]
+    assert client.get_model_version(name, good).tags["eval_status"] == "pending"  # untouched
+
+    results = {r["version"]: r for r in run_eval(cfg, pending=True)}
+    assert results[good]["status"] == "done"
+    assert results[corrupt]["status"] == "failed" and "model.pt is corrupt" in results[corrupt]["reason"]
+    assert results[missing]["status"] == "failed" and "model.pt" in results[missing]["reason"]
+    for version in (corrupt, missing):
+        tags = client.get_model_version(name, version).tags
+        assert tags["eval_status"] == "failed" and "model.pt" in tags["eval_reason"]
+    assert run_eval(cfg, pending=True) == []  # nothing left pending
+
+    with pytest.raises(UserError, match="does not exist"):
+        run_eval(make_config(env["root"], env["server"].uri, "no-such-model"), pending=True)
+    with pytest.raises(UserError, match="has no alias 'best'"):
+        run_eval(cfg, alias="best")
+
+
+def test_two_concurrent_eval_jobs_evaluate_each_version_exactly_once(env):
+    import ray
+
+    client, name = env["client"], unique_name("conc")
+    versions = _publish_all(env, name)
+    command = [sys.executable, "-m", "workflows.cli", "eval", "--pending",
+               "--set", f"home={env['root']}", "--set", f"mlflow.tracking_uri={env['server'].uri}",
+               "--set", f"mlflow.registered_model={name}", "--set", "mlflow.experiment=clipflow-tests",
+               "--set", f"eval.zeroshot=[{env['zeroshot']}]", "--set", f"eval.retrieval=[{env['retrieval']}]",
+               "--set", "eval.batch_size=8"]
+    environment = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    jobs = [subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for _ in range(2)]
+    outputs = [job.communicate(timeout=240)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outputs
+    experiment = client.get_experiment_by_name("clipflow-tests-eval")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`clipflow.model_name` = '{name}'")
+    assert sorted(r.data.tags["clipflow.model_version"] for r in runs) == sorted(versions)  # once each
+    for version in versions:
+        assert client.get_model_version(name, version).tags["eval_status"] == "done"
+    won = [mv for mv in client.search_model_versions(f"name='{name}{registry.CLAIMS_SUFFIX}'")
+           if mv.tags.get("target_version") != "promote" and mv.tags.get("outcome") in ("won", "released")]
+    assert sorted(mv.tags["target_version"] for mv in won) == sorted(versions)
+    assert sum(out.count(": claimed by") for out in outputs) == len(versions)

@@ -1,0 +1,145 @@
+"""Registry against a real ``mlflow server``: published versions (tags, self-contained source, pyfunc),
+atomic claims with leases, and alias promotion."""
+
+from __future__ import annotations
+
+import threading
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from clip_core import build_zero_shot_classifier, load_checkpoint, load_templates
+from mlflow_helpers import COLORS, jpeg, make_checkpoint, publish, train_tokenizer, training_run, unique_name
+from workflows import registry
+from workflows.errors import UserError
+from workflows.serving import embed_images, embed_texts, images_to_tensor
+
+
+@pytest.fixture(scope="module")
+def env(mlflow_server, tmp_path_factory):
+    mlflow.set_tracking_uri(mlflow_server.uri)
+    client = MlflowClient(mlflow_server.uri)
+    tokenizer = train_tokenizer()
+    checkpoint = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint_00000010", tokenizer, seed=0, step=10)
+    run_id = training_run(client)
+    name = unique_name("reg")
+    version = publish(client, name, run_id, checkpoint, step=10)
+    return {"client": client, "name": name, "run_id": run_id, "checkpoint": checkpoint, "version": version,
+            "tokenizer": tokenizer, "tmp": tmp_path_factory.mktemp("reg")}
+
+
+def test_published_version_has_tags_and_loads_from_its_source_alone(env):
+    client, name = env["client"], env["name"]
+    mv = client.get_model_version(name, env["version"])
+    assert mv.tags["eval_status"] == "pending"
+    assert mv.tags["run_id"] == env["run_id"] and mv.run_id == env["run_id"]
+    assert mv.tags["step"] == "10" and mv.tags["samples_seen"] == "80"
+    assert mv.tags["checkpoint_uri"] == str(env["checkpoint"])
+    assert mv.tags["tokenizer_id"] == env["tokenizer"].id
+    assert mv.source.startswith("models:/m-")
+    loaded = load_checkpoint(registry.download_checkpoint(mv, env["tmp"] / "dl"))
+    original = load_checkpoint(env["checkpoint"])
+    for key, tensor in original.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], tensor), key
+    assert loaded.tokenizer.id == original.tokenizer.id
+    # publishing the same (run, step) again is idempotent (a retry after a timeout)
+    assert publish(client, name, env["run_id"], env["checkpoint"], step=10) == env["version"]
+
+
+def test_pyfunc_serves_texts_and_images_with_candidate_labels(env):
+    model = mlflow.pyfunc.load_model(f"models:/{env['name']}/{env['version']}")
+    reference = load_checkpoint(env["checkpoint"])
+    texts = ["a red square", "green photo"]
+    out = model.predict(pd.DataFrame({"text": texts}))
+    expected = embed_texts(reference.model.eval(), reference.tokenizer, texts)
+    assert torch.allclose(torch.tensor(out["embedding"].tolist()), expected, atol=1e-5)
+
+    labels = list(COLORS)
+    images = [jpeg(COLORS["red"]), jpeg(COLORS["blue"])]
+    out = model.predict(pd.DataFrame({"image": images}), params={"candidate_labels": labels})
+    probs = torch.tensor(out["probs"].tolist())
+    assert probs.shape == (2, 3) and torch.allclose(probs.sum(dim=1), torch.ones(2), atol=1e-5)
+    features = embed_images(reference.model, images_to_tensor(images, 32))
+    classifier = build_zero_shot_classifier(reference.model, reference.tokenizer, labels, load_templates())
+    expected = (reference.model.logit_scale.exp() * features @ classifier).softmax(dim=-1)
+    assert torch.allclose(probs, expected, atol=1e-4)
+    assert out["label"].tolist() == [labels[i] for i in expected.argmax(dim=1).tolist()]
+    # base64 text (what `mlflow models serve` receives in JSON) gives the same answer as bytes
+    import base64
+
+    out64 = model.predict(pd.DataFrame({"image": [base64.b64encode(b).decode() for b in images]}),
+                          params={"candidate_labels": labels})
+    assert torch.allclose(torch.tensor(out64["probs"].tolist()), probs)
+
+
+def test_concurrent_claims_have_exactly_one_winner(env):
+    client, name, version = env["client"], env["name"], env["version"]
+    claims: list = []
+    barrier = threading.Barrier(4)
+
+    def attempt(i: int) -> None:
+        barrier.wait()
+        claims.append(registry.claim_version(MlflowClient(client.tracking_uri), name, version, f"job-{i}", 60))
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [c for c in claims if c is not None]
+    assert len(claims) == 4 and len(winners) == 1
+    mv = client.get_model_version(name, version)
+    assert mv.tags["eval_status"] == "running" and mv.tags["eval_claimant"] == winners[0].claimant
+    assert not registry.claimable(mv)
+    # a finished version is not claimed again by --pending jobs, even once its claim is released
+    registry.finish_version(winners[0], registry.DONE, summary={"zeroshot/acc1": 0.5})
+    assert registry.claim_version(client, name, version, "late-job", 60) is None
+    assert client.get_model_version(name, version).tags["eval.zeroshot/acc1"] == "0.5"
+
+
+def test_expired_lease_is_reclaimed(env):
+    client, name = env["client"], env["name"]
+    version = publish(client, name, env["run_id"], env["checkpoint"], step=20)
+    dead = registry.claim_version(client, name, version, "dead-job", lease_seconds=60)
+    assert dead is not None
+    assert registry.claim_version(client, name, version, "early-job", 60) is None  # lease still live
+    # The claimant dies: it stops renewing, and its lease runs out (written as time having passed,
+    # so the test does not depend on how fast a loaded CI machine answers).
+    past = registry.lease_until(-1)
+    client.set_model_version_tag(dead.lock_model, dead.number, "lease_expiry", past)
+    client.set_model_version_tag(name, version, registry.LEASE, past)
+    assert registry.claimable(client.get_model_version(name, version))
+    assert version in [mv.version for mv in registry.pending_versions(client, name)]
+    alive = registry.claim_version(client, name, version, "new-job", 60)
+    assert alive is not None and alive.held()
+    assert not dead.held()
+    assert client.get_model_version(name, version).tags["eval_claimant"] == "new-job"
+
+
+def test_promotion_moves_latest_always_and_champion_only_on_improvement(env):
+    client, name = env["client"], env["name"]
+    v = [publish(client, name, env["run_id"], env["checkpoint"], step=s) for s in (30, 40, 50)]
+    metric = "zeroshot/acc1"
+    for version, value in zip(v, (0.5, 0.4, 0.9)):
+        claim = registry.claim_version(client, name, version, "promoter", 60, force=True)
+        registry.finish_version(claim, registry.DONE, summary={metric: value})
+        aliases = registry.promote(client, name, version, metric, value)
+        assert registry.LATEST_ALIAS in aliases
+        if version == v[1]:
+            assert registry.CHAMPION_ALIAS not in aliases
+            assert client.get_model_version_by_alias(name, "champion").version == v[0]
+    assert client.get_model_version_by_alias(name, "champion").version == v[2]
+    assert client.get_model_version_by_alias(name, "latest-evaluated").version == v[2]
+
+
+def test_unknown_model_version_or_alias_is_a_clear_error(env):
+    client = env["client"]
+    with pytest.raises(UserError, match="does not exist"):
+        registry.resolve_version(client, "no-such-model", version=1)
+    with pytest.raises(UserError, match="has no alias 'nope'"):
+        registry.resolve_version(client, env["name"], alias="nope")
+    with pytest.raises(UserError, match="has no version 999"):
+        registry.resolve_version(client, env["name"], version=999)

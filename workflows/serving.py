@@ -1,0 +1,130 @@
+"""Inference on a checkpoint: image/text embeddings and zero-shot probabilities, and its MLflow pyfunc.
+
+The eval job and the served model share these functions, so what `mlflow models serve` answers is
+what the eval numbers measured. This module imports only clip_core, torch, numpy, PIL and mlflow:
+it is shipped inside the logged model (``code_paths``) so the pyfunc loads without clipflow installed.
+
+Serving input (``mlflow models serve``, JSON ``dataframe_records``): rows with an ``image`` column
+(raw bytes or base64 text) and/or a ``text`` column. Output: one ``embedding`` (L2-normalised) per
+row; with ``params={"candidate_labels": [...]}`` image rows also get ``probs`` (one per label, in
+order, from the prompt ensemble) and ``label`` (the most probable one).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clip_core import (CLIP, Tokenizer, build_zero_shot_classifier, decode_image, load_checkpoint, normalize,
+                       resize_center_crop, to_uint8_chw)
+
+CHECKPOINT_ARTIFACT = "checkpoint"
+
+
+def images_to_tensor(images: Sequence[bytes], image_size: int) -> torch.Tensor:
+    """Encoded images -> uint8 (N, 3, S, S), resized and centre-cropped as at preprocessing time."""
+    return torch.from_numpy(np.stack([
+        to_uint8_chw(resize_center_crop(decode_image(data, draft_size=image_size), image_size)) for data in images
+    ]))
+
+
+@torch.no_grad()
+def embed_images(model: CLIP, pixels: torch.Tensor, device: str | torch.device = "cpu") -> torch.Tensor:
+    """uint8 (N, 3, S, S) -> L2-normalised float32 (N, D) on the CPU."""
+    features = model.encode_image(normalize(pixels.to(device)))
+    return F.normalize(features.float(), dim=-1).cpu()
+
+
+@torch.no_grad()
+def embed_texts(model: CLIP, tokenizer: Tokenizer, texts: Sequence[str], device: str | torch.device = "cpu",
+                batch_size: int = 256) -> torch.Tensor:
+    """Texts -> L2-normalised float32 (N, D) on the CPU, tokenized to the model's context length."""
+    context = model.positional_embedding.shape[0]
+    out = [F.normalize(model.encode_text(tokenizer(list(texts[i:i + batch_size]), context).to(device)).float(),
+                       dim=-1).cpu() for i in range(0, len(texts), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, model.text_projection.shape[1])
+
+
+def model_image_size(model: CLIP) -> int:
+    return int(model.config.vision.image_size)
+
+
+def _as_bytes(value: Any) -> bytes:
+    """Serving sends images as base64 text in JSON; Python callers may pass bytes."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error as exc:
+            raise ValueError(f"image must be bytes or base64 text: {exc}") from exc
+    raise ValueError(f"image must be bytes or base64 text, got {type(value).__name__}")
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and np.isnan(value))
+
+
+class ClipPyfunc(mlflow.pyfunc.PythonModel):
+    """A clip_core checkpoint (the ``checkpoint`` artifact) as an MLflow pyfunc."""
+
+    def __init__(self, templates: Sequence[str]) -> None:
+        self.templates = list(templates)
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        checkpoint = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
+        self.model = checkpoint.model.eval()
+        self.tokenizer = checkpoint.tokenizer
+
+    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input, params: dict | None = None):
+        import pandas as pd
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if not {"image", "text"} & set(frame.columns):
+            raise ValueError("input needs an 'image' (bytes or base64) or a 'text' column")
+        labels = list((params or {}).get("candidate_labels") or [])
+        n = len(frame)
+        images = frame["image"].tolist() if "image" in frame else [None] * n
+        texts = frame["text"].tolist() if "text" in frame else [None] * n
+        image_rows = [i for i in range(n) if _present(images[i])]
+        text_rows = [i for i in range(n) if _present(texts[i]) and i not in set(image_rows)]
+        embeddings: list[Any] = [None] * n
+        probs: list[Any] = [None] * n
+        if image_rows:
+            pixels = images_to_tensor([_as_bytes(images[i]) for i in image_rows], model_image_size(self.model))
+            features = embed_images(self.model, pixels)
+            if labels:
+                classifier = build_zero_shot_classifier(self.model, self.tokenizer, labels, self.templates)
+                scale = self.model.logit_scale.exp().item()
+                image_probs = (scale * features @ classifier).softmax(dim=-1)
+                for row, p in zip(image_rows, image_probs.tolist()):
+                    probs[row] = p
+            for row, f in zip(image_rows, features.tolist()):
+                embeddings[row] = f
+        if text_rows:
+            for row, f in zip(text_rows, embed_texts(self.model, self.tokenizer, [texts[i] for i in text_rows]).tolist()):
+                embeddings[row] = f
+        out = pd.DataFrame({"embedding": embeddings})
+        if labels:
+            out["probs"] = probs
+            out["label"] = [labels[int(np.argmax(p))] if p is not None else None for p in probs]
+        return out
+
+
+def signature():
+    """Optional ``image``/``text`` columns and a ``candidate_labels`` param, so serving passes them through."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.binary, "image", required=False),
+                       ColSpec(DataType.string, "text", required=False)]),
+        params=ParamSchema([ParamSpec("candidate_labels", DataType.string, default=[], shape=(-1,))]),
+    )

@@ -1,0 +1,353 @@
+"""The per-worker training loop that Ray Train runs: a plain PyTorch loop, plus Ray's report/checkpoint.
+
+Read top to bottom: build the model -> restore the latest checkpoint (model, optimizer, scheduler,
+RNG, step) -> for each step: next batch of this rank's share of the global batch (Ray Data, see
+``train_data``), normalise on the device, feature-cached accumulation, clip, AdamW step, clamp the
+temperature -> every ``log_every`` steps metrics to MLflow (rank 0) -> every ``checkpoint_every``
+steps and at the end a clip_core checkpoint through ``ray.train.report``.
+
+Only log steps synchronise with the device (``loss.item()``); checkpoints go up asynchronously
+except the final one, which must be durable before the run reports success.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from clip_core import ClipLoss, SigLipLoss, Tokenizer, create_model, load_checkpoint, model_flops_per_sample, normalize
+from clip_core import save_checkpoint
+from clip_core.model import CLIP
+from workflows import storage
+from workflows.accumulation import BatchPlan, accumulate_gradients, plan_batches
+from workflows.config import Config
+from workflows.optim import build_optimizer, build_scheduler
+from workflows.throughput import mfu, peak_flops, peak_memory_bytes
+from workflows.tracking import Tracker
+from workflows.train_data import DataOrder, epoch_batches
+
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # Zhai et al., 2023: t' = log 10, b = -10
+SIGLIP_INIT_LOGIT_BIAS = -10.0
+
+
+@dataclass(frozen=True)
+class TrainDebug:
+    """Test hooks, off by default. ``ledger_dir``: every rank appends ``epoch step rank world key`` per
+    trained sample to ``rank-<r>.tsv``; ``fail_at_step``/``fail_rank``: that rank ``os._exit(1)``s after
+    that step, once (a flag file in ``ledger_dir`` remembers it), ``fail_after_s`` seconds later.
+
+    Ray Train registers a reported checkpoint when its controller next polls the workers (every
+    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s): a worker that dies sooner takes the latest report
+    with it and the group resumes from the one before. A delay longer than that interval makes the
+    restart point deterministic for a test; the exact-resume guarantee holds either way."""
+
+    ledger_dir: str = ""
+    fail_at_step: int = 0
+    fail_rank: int = 1
+    fail_after_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """Everything the driver resolved before starting workers (see ``pretrain.prepare_run``)."""
+
+    run_name: str
+    order: DataOrder
+    tokenizer: Tokenizer
+    image_size: int
+    context_length: int
+    total_steps: int
+    checkpoint_root: str  # storage.path/run_name: where Ray Train persists checkpoints
+    manifest_hash: str
+    debug: TrainDebug = field(default_factory=TrainDebug)
+
+
+def build_model(cfg: Config, setup: RunSetup) -> CLIP:
+    siglip = cfg.train.loss == "siglip"
+    torch.manual_seed(cfg.train.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
+    extra = {"init_logit_scale": SIGLIP_INIT_LOGIT_SCALE, "init_logit_bias": SIGLIP_INIT_LOGIT_BIAS} if siglip else {}
+    model = create_model(cfg.model.name, vocab_size=setup.tokenizer.vocab_size, context_length=setup.context_length,
+                         image_size=setup.image_size, patch_dropout=cfg.model.patch_dropout,
+                         grad_checkpointing=cfg.model.grad_checkpointing, **extra)
+    if cfg.model.freeze_image:
+        model.freeze_image()
+    if cfg.model.freeze_text:
+        model.freeze_text()
+    return model
+
+
+def make_loss(cfg: Config, model: CLIP):
+    """(image_features, text_features, logit_scale) -> loss over the global batch."""
+    if cfg.train.loss == "siglip":
+        siglip = SigLipLoss()
+        return lambda image, text, scale: siglip(image, text, scale, model.logit_bias)
+    return ClipLoss(local_loss=cfg.train.local_loss, gather_with_grad=cfg.train.gather_with_grad)
+
+
+def autocast_for(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def optimizer_step(model: torch.nn.Module, raw: CLIP, loss_fn, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, images: torch.Tensor, tokens: torch.Tensor,
+                   plan: BatchPlan, autocast: contextlib.AbstractContextManager, grad_clip_norm: float) -> torch.Tensor:
+    """One optimizer step on this rank's per-step batch (uint8 images on the device); returns the loss."""
+    temperature = [p for p in (raw.logit_scale, raw.logit_bias) if p is not None]
+    loss = accumulate_gradients(model, loss_fn, normalize(images), tokens, plan.accum_steps, autocast, temperature)
+    if grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    raw.clamp_logit_scale()
+    return loss
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A feed batch's uint8 images and int64 tokens on ``device``, without a host copy: Ray hands out
+    read-only views of its object store, which are only read here (normalising makes a new tensor)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        images, tokens = torch.from_numpy(batch["image"]), torch.from_numpy(batch["tokens"])
+    return images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _restore_rng(saved: list[dict[str, Any]] | None, cfg: Config, rank: int, step: int, device: torch.device) -> None:
+    """The rank's own saved RNG when the world size is unchanged, else a seed derived from (seed, rank, step)."""
+    if saved is not None and rank < len(saved) and len(saved) == dist_world():
+        torch.set_rng_state(saved[rank]["torch"])
+        if device.type == "cuda" and saved[rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(saved[rank]["cuda"], device)
+    else:
+        torch.manual_seed(hash((cfg.train.seed, rank, step)) % 2 ** 63)
+
+
+def dist_world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_rng_states(device: torch.device) -> list[dict[str, Any]]:
+    state = _rng_state(device)
+    if dist_world() == 1:
+        return [state]
+    states: list[Any] = [None] * dist_world()
+    dist.all_gather_object(states, state)
+    return states
+
+
+@contextlib.contextmanager
+def _tracking(cfg: Config, setup: RunSetup, rank: int, world_size: int) -> Iterator[Tracker | None]:
+    """Rank 0's MLflow run (the same run again after a restart: keyed by the run name), ended FAILED
+    if this worker's loop raises. The Tracker never raises into training itself."""
+    if rank != 0:
+        yield None
+        return
+    tracker = Tracker(cfg, run_key=setup.run_name, tags={"clipflow.stage": "pretrain",
+                                                         "clipflow.data_manifest_hash": setup.manifest_hash,
+                                                         "clipflow.world_size": str(world_size)})
+    try:
+        yield tracker
+    except BaseException:
+        tracker.close(status="FAILED")
+        raise
+    tracker.close()
+
+
+def _append_ledger(debug: TrainDebug, rank: int, world: int, epoch: int, step: int, keys) -> None:
+    lines = "".join(f"{epoch}\t{step}\t{rank}\t{world}\t{k}\n" for k in keys)
+    with open(Path(debug.ledger_dir) / f"rank-{rank}.tsv", "a") as f:
+        f.write(lines)
+
+
+def _maybe_fail(debug: TrainDebug, rank: int, step: int) -> None:
+    if debug.fail_at_step == step and debug.fail_rank == rank:
+        flag = Path(debug.ledger_dir) / f"failed-at-{step}"
+        if not flag.exists():
+            flag.touch()
+            print(f"[fault injection] rank {rank} exits after step {step} in {debug.fail_after_s:.0f} s", flush=True)
+            time.sleep(debug.fail_after_s)
+            os._exit(1)
+
+
+class Meter:
+    """Rank 0's throughput over a logging window: global samples/s, MFU and the fraction of wall time
+    spent waiting for the next batch (``timed`` wraps the batch iterator)."""
+
+    def __init__(self, global_batch: int, step: int, flops_per_sample: float, peak_per_device: float, world: int):
+        self.global_batch, self.flops, self.peak, self.world = global_batch, flops_per_sample, peak_per_device, world
+        self.attempt_start = self.start = time.perf_counter()
+        self.attempt_step = self.first_step = step
+        self.data_wait = 0.0
+
+    def timed(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        it = iter(batches)
+        while True:
+            wait_start = time.perf_counter()
+            batch = next(it, None)
+            self.data_wait += time.perf_counter() - wait_start
+            if batch is None:
+                return
+            yield batch
+
+    def window(self, step: int) -> dict[str, float]:
+        """The window's metrics; starts the next window."""
+        now = time.perf_counter()
+        elapsed = now - self.start
+        rate = (step - self.first_step) * self.global_batch / elapsed
+        out = {"samples_per_second": rate, "mfu": mfu(self.flops, rate, self.peak, self.world),
+               "data_wait_fraction": self.data_wait / elapsed}
+        self.start, self.first_step, self.data_wait = now, step, 0.0
+        return out
+
+    def attempt_rate(self, step: int) -> float:
+        """Samples/s since this worker group started (setup excluded): the run's summary figure."""
+        return (step - self.attempt_step) * self.global_batch / (time.perf_counter() - self.attempt_start)
+
+
+def restore(raw: CLIP, cfg: Config) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Load the group's latest checkpoint after a restart, else ``train.resume_from``, into ``raw``;
+    returns (trainer_state, training_state), empty for a fresh run."""
+    import ray.train
+
+    latest = ray.train.get_checkpoint()
+    if latest is None and cfg.train.resume_from:
+        fs, path = storage.resolve(cfg.train.resume_from, cfg.storage.s3_endpoint)
+        latest = ray.train.Checkpoint(path=path, filesystem=fs)
+    if latest is None:
+        return {}, None
+    with latest.as_directory() as directory:
+        restored = load_checkpoint(directory)
+        raw.load_state_dict(restored.model.state_dict())
+        return restored.trainer_state, restored.load_training_state()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg: Config = config["cfg"]
+    setup: RunSetup = config["setup"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    plan = plan_batches(cfg.train.global_batch_size, world, cfg.train.micro_batch_size)
+    order, debug, total_steps = setup.order, setup.debug, setup.total_steps
+
+    raw = build_model(cfg, setup)
+    trainer_state, training_state = restore(raw, cfg)
+    model = ray.train.torch.prepare_model(raw)  # to device + DDP when world > 1
+    if cfg.model.compile:
+        model = torch.compile(model)
+    optimizer = build_optimizer(raw, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, total_steps)
+    step = int(trainer_state.get("step", 0))
+    if training_state is not None:
+        optimizer.load_state_dict(training_state["optimizer"])
+        scheduler.load_state_dict(training_state["scheduler"])
+    _restore_rng(training_state and training_state["rng"], cfg, rank, step, device)
+    loss_fn, autocast = make_loss(cfg, raw), autocast_for(cfg, device)
+    if rank == 0:
+        print(f"[train] {setup.run_name}: world {world}, per-worker batch {plan.per_worker} = {plan.accum_steps} x "
+              f"{plan.micro_batch}, steps {step}->{total_steps}" + (" (resumed)" if step else ""), flush=True)
+    meter = Meter(plan.global_batch, step, model_flops_per_sample(raw.config),
+                  peak_flops(device, cfg.train.peak_flops) if rank == 0 else 0.0, world)
+    loss = torch.zeros(())
+
+    with _tracking(cfg, setup, rank, world) as tracker:
+        while step < total_steps:
+            epoch, done = divmod(step, order.steps_per_epoch)
+            steps_left = min(total_steps, (epoch + 1) * order.steps_per_epoch) - step
+            batches = epoch_batches(order, epoch, done, rank, world, image_size=setup.image_size,
+                                    augment=cfg.train.augment, endpoint=cfg.storage.s3_endpoint)
+            for batch in itertools.islice(meter.timed(batches), steps_left):
+                images, tokens = to_device(batch, device)
+                loss = optimizer_step(model, raw, loss_fn, optimizer, scheduler, images, tokens, plan, autocast,
+                                      cfg.train.grad_clip_norm)
+                step += 1
+                if debug.ledger_dir:
+                    _append_ledger(debug, rank, world, epoch, step, batch["key"])
+                    _maybe_fail(debug, rank, step)
+                if rank == 0 and step % cfg.train.log_every == 0:
+                    metrics = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                               "temperature": raw.logit_scale.exp().item(), **meter.window(step),
+                               "peak_memory_gib": peak_memory_bytes(device) / 2 ** 30, "epoch": epoch,
+                               "samples_seen": step * plan.global_batch}
+                    if tracker is not None:
+                        tracker.log_metrics(metrics, step=step)
+                    print(f"[train] step {step}/{total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                          f"T {metrics['temperature']:.1f} {metrics['samples_per_second']:.1f} samples/s "
+                          f"mfu {metrics['mfu']:.1%} data-wait {metrics['data_wait_fraction']:.0%}", flush=True)
+                if rank == 0 and cfg.train.zero_shot_every and step % cfg.train.zero_shot_every == 0:
+                    zero_shot(raw, setup.tokenizer, cfg, device, tracker, step)
+                if step % cfg.train.checkpoint_every == 0 or step == total_steps:
+                    states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                              "rng": _all_rng_states(device), "scaler": None}  # bf16 needs no loss scaler
+                    report_checkpoint(cfg, setup, raw, states, tracker, rank=rank, world=world, step=step,
+                                      epoch=epoch, loss=loss.item(), samples_per_second=meter.attempt_rate(step))
+
+
+def zero_shot(raw: CLIP, tokenizer: Tokenizer, cfg: Config, device: torch.device, tracker: Tracker | None,
+              step: int) -> None:
+    """``train.zero_shot_every``: rank 0 scores the model in memory on ``eval.zeroshot`` (the other ranks
+    wait at the next all-reduce), logged under the same ``<dataset>/acc1`` names as `clipflow eval`."""
+    from workflows.evaluate import zero_shot_in_process
+
+    raw.eval()
+    try:
+        metrics = zero_shot_in_process(raw, tokenizer, cfg, device)
+    finally:
+        raw.train()
+    if tracker is not None:
+        tracker.log_metrics(metrics, step=step)
+    print(f"[train] step {step} zero-shot " + ", ".join(f"{k} {v:.1%}" for k, v in sorted(metrics.items())
+                                                        if k.endswith("acc1")), flush=True)
+
+
+def report_checkpoint(cfg: Config, setup: RunSetup, raw: CLIP, states: dict[str, Any], tracker: Tracker | None, *,
+                      rank: int, world: int, step: int, epoch: int, loss: float, samples_per_second: float) -> None:
+    """Every rank reports (Ray Train requires it); rank 0 writes the clip_core checkpoint, Ray uploads it
+    into ``RunConfig.storage_path`` (asynchronously unless final: a slow store must not stall training, but the
+    final checkpoint must be durable before the run reports success), and rank 0 publishes it to MLflow."""
+    import ray.train
+    from ray.train import CheckpointUploadMode
+
+    order, final = setup.order, step == setup.total_steps
+    samples_seen = step * cfg.train.global_batch_size
+    name = f"checkpoint_{step:08d}"
+    metrics = {"step": step, "samples_seen": samples_seen, "loss": loss, "samples_per_second": samples_per_second,
+               "mlflow_run_id": tracker.run_id if tracker else "", "world_size": world}
+    checkpoint = None
+    if rank == 0:
+        local = tempfile.mkdtemp(prefix="clipflow-ckpt-")
+        save_checkpoint(local, raw, setup.tokenizer, training_state=states, trainer_state={
+            **metrics, "epoch": epoch, "steps_done_in_epoch": step - epoch * order.steps_per_epoch,
+            "global_batch_size": cfg.train.global_batch_size, "steps_per_epoch": order.steps_per_epoch,
+            "total_steps": setup.total_steps, "data_seed": order.seed, "data_manifest_hash": setup.manifest_hash,
+            "run_name": setup.run_name})
+        checkpoint = ray.train.Checkpoint.from_directory(local)
+    mode = CheckpointUploadMode.SYNC if final else CheckpointUploadMode.ASYNC
+    ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, checkpoint_upload_mode=mode,
+                     delete_local_checkpoint_after_upload=True)
+    publish = (step // cfg.train.checkpoint_every) % cfg.mlflow.publish_every == 0
+    if tracker is not None and (final or publish):
+        tracker.publish_checkpoint(storage.join(setup.checkpoint_root, name), step, samples_seen, final)
