@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -157,6 +158,35 @@ def test_publish_checkpoint_registers_pending_version(mlflow_server, home: Path,
     assert mv.tags["eval_status"] == "pending" and mv.tags["samples_seen"] == "32"
     assert mv.tags["checkpoint_uri"] == str(final) and mv.tags["data_manifest"] == "abc123"
     assert versions["2"].tags["checkpoint_uri"] == str(uploading)
+
+
+def test_checkpoint_deleted_before_publication_is_dropped_and_later_ones_still_register(
+        mlflow_server, home: Path, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Ray deletes old checkpoints (train.keep_checkpoints), possibly while one is being published: that
+    publication is dropped with a warning instead of blocking the queue as an outage."""
+    from workflows import registry
+
+    real = registry.publish_checkpoint
+
+    def ray_deletes_it_first(client, **kwargs):
+        if kwargs["step"] == 2:
+            shutil.rmtree(kwargs["checkpoint_uri"])
+        return real(client, **kwargs)
+
+    monkeypatch.setattr(registry, "publish_checkpoint", ray_deletes_it_first)
+    cfg = make_cfg(home, mlflow_server.uri, f"mlflow.registered_model=track-{uuid.uuid4().hex[:8]}")
+    model = create_model("tiny-vit", vocab_size=tokenizer.vocab_size, context_length=16)
+    tracker = Tracker(cfg, run_key="deleted")
+    doomed = save_checkpoint(home / "runs" / "checkpoint_00000002", model, tokenizer, trainer_state={"step": 2})
+    assert tracker.publish_checkpoint(str(doomed), step=2, samples_seen=16, final=False) is None
+    final = save_checkpoint(home / "runs" / "checkpoint_00000004", model, tokenizer, trainer_state={"step": 4})
+    with caplog.at_level(logging.WARNING, logger="clipflow.tracking"):
+        version = tracker.publish_checkpoint(str(final), step=4, samples_seen=32, final=True)
+        tracker.close()
+    assert version is not None and "it was deleted before it could be" in caplog.text
+    versions = MlflowClient(mlflow_server.uri).search_model_versions(f"name='{cfg.mlflow.registered_model}'")
+    assert [(mv.version, mv.tags["step"]) for mv in versions] == [(version, "4")]
 
 
 def test_run_artifacts_from_s3_training_data(mlflow_server, s3_server, home: Path) -> None:

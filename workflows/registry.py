@@ -63,7 +63,8 @@ EVAL_RUN, SUMMARY_PREFIX = "eval_run_id", "eval."
 CLAIMS_SUFFIX = "-eval-claims"
 LATEST_ALIAS, CHAMPION_ALIAS = "latest-evaluated", "champion"
 PYFUNC_NAME = "clip"
-CHECKPOINT_WAIT_S = 600.0  # how long publishing waits for an asynchronously uploaded checkpoint
+CHECKPOINT_WAIT_S = 60.0  # how long publishing waits for a listed checkpoint to verify (the Tracker waits for
+# the upload itself before publishing, so this only covers stores that show new files late)
 MAX_TAG_CHARS = 5000
 
 
@@ -107,6 +108,8 @@ def stage_checkpoint(uri: str, endpoint: str, dest: Path, wait_s: float = CHECKP
     target = dest / "checkpoint"
     deadline = time.monotonic() + wait_s
     while True:
+        if not storage.exists(storage.join(uri, "checkpoint.json"), endpoint):
+            raise FileNotFoundError(f"checkpoint {uri} does not exist (deleted, or never written)")
         shutil.rmtree(target, ignore_errors=True)
         files = storage.list_files(uri, endpoint, recursive=True)
         for file_uri in files:

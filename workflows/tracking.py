@@ -15,7 +15,9 @@ blocking the queue; metric names are made valid first (``mlflow_key``: ``recall@
 
 Checkpoints are published (``registry.publish_checkpoint``: a model version, eval_status=pending) once
 complete: Ray uploads non-final checkpoints asynchronously, so a publication waits in the queue until
-every file listed in its ``checkpoint.json`` exists, and training never waits for an upload.
+every file listed in its ``checkpoint.json`` exists. A background thread then publishes it (logging the
+model copies its weights: seconds to minutes for large models), one at a time and in order, so training
+never waits for an upload or a registration; only the final checkpoint is published before training ends.
 
 In the MLflow UI the experiment ``mlflow.experiment`` holds one run per training run (named by its run
 key): charts of loss, lr, temperature, samples_per_second, mfu, data_wait_fraction, peak_memory_gib
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import importlib.metadata
+from concurrent.futures import Future, ThreadPoolExecutor
 import json
 import logging
 import os
@@ -56,6 +59,7 @@ SETUP_TAG = "clipflow.setup_complete"  # params + artifacts logged
 # What an unreachable, restarting or erroring tracking server raises (MLflow wraps HTTP failures in
 # MlflowException; artifact uploads may surface requests/OS errors directly).
 TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError)
+Publication = tuple[str, int, int, bool]  # checkpoint URI, step, samples seen, final
 _INVALID_KEY_CHARS = re.compile(r"[^\w\-. :/]", re.ASCII)
 MAX_KEY_CHARS = 250  # MLflow's limit on metric names
 MAX_BACKOFF_S = 60.0
@@ -149,7 +153,9 @@ class Tracker:
         self.dropped = 0  # metric points pushed out of a full buffer
         self.rejected = 0  # requests the server refused as invalid (dropped, not retried)
         self._metrics: collections.deque[Metric] = collections.deque()
-        self._publications: list[tuple[str, int, int, bool]] = []
+        self._publications: list[Publication] = []
+        self._publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipflow-publish")
+        self._in_flight: tuple[Publication, Future] | None = None  # one background publication at a time
         self._published: dict[str, str] = {}  # checkpoint URI -> registered version
         self._artifacts: list[tuple[str, str | None]] = []
         self._failures = 0
@@ -185,15 +191,20 @@ class Tracker:
         self._flush()
 
     def publish_checkpoint(self, checkpoint_uri: str, step: int, samples_seen: int, final: bool) -> str | None:
-        """Register the checkpoint as a model version (eval_status=pending); None while the server is away."""
+        """Register the checkpoint as a model version (eval_status=pending). A non-final one is published in the
+        background (None now); the final one before this returns: its version, or None while the server is away."""
         self._publications.append((checkpoint_uri, int(step), int(samples_seen), bool(final)))
-        self._flush()
+        if final:
+            self._wait_for_publisher()
+        self._flush(background=not final)
         return self._published.get(checkpoint_uri)
 
     def close(self, status: str = "FINISHED") -> None:
         """Flush what is buffered (one last try) and end the run; report anything that could not be sent."""
         self._retry_at = 0.0
-        self._flush()
+        self._wait_for_publisher()
+        self._flush(background=False)
+        self._publisher.shutdown(wait=True)
         if self._system_monitor is not None:
             self._system_monitor.finish()
             self._system_monitor = None
@@ -248,7 +259,8 @@ class Tracker:
                         str(exc).splitlines()[0][:200], self.cfg.mlflow.buffer_size)
         return False
 
-    def _flush(self) -> None:
+    def _flush(self, background: bool = True) -> None:
+        self._collect_publication()
         if self._outage_since is not None and time.monotonic() < self._retry_at:
             return
         if not self.run_id and (not self._call(self._open_run) or not self.run_id):
@@ -265,15 +277,34 @@ class Tracker:
             if not self._call(lambda: log_artifacts(self.run_id, local_path, artifact_path)):
                 return
             self._artifacts.pop(0)
+        if self._in_flight is not None:
+            return  # publications go one at a time, in order
         for publication in list(self._publications):
             uri, final = publication[0], publication[3]
             # Ray uploads non-final checkpoints asynchronously: publish them once they are complete, so
             # training never waits on an upload. The final upload is synchronous (complete by now).
             if not final and not self._checkpoint_ready(uri):
                 continue
+            if background:
+                self._in_flight = (publication, self._publisher.submit(self._publish, *publication))
+                return
             if not self._call(lambda: self._publish(*publication)):
                 return
             self._publications.remove(publication)
+
+    def _collect_publication(self) -> None:
+        """Account for a finished background publication (its error, if any, goes through ``_call``)."""
+        if self._in_flight is None or not self._in_flight[1].done():
+            return
+        publication, future = self._in_flight
+        self._in_flight = None
+        if self._call(future.result):
+            self._publications.remove(publication)
+
+    def _wait_for_publisher(self) -> None:
+        if self._in_flight is not None:
+            self._in_flight[1].exception()  # blocks until done; never raises the publication's error
+            self._collect_publication()
 
     def _checkpoint_ready(self, uri: str) -> bool:
         """Every file listed in the checkpoint's checkpoint.json exists (cheap: no hashing here)."""
