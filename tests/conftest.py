@@ -46,6 +46,14 @@ def work_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def train_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny training shards, manifest and tokenizer (``tiny_data``), shared by the training tests."""
+    from tiny_data import write_train_data
+
+    return write_train_data(tmp_path_factory.mktemp("train-data"))
+
+
+@pytest.fixture(scope="session")
 def ray_runtime() -> Iterator[None]:
     import ray
 

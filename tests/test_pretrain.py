@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import collections
 import io
-import json
 import math
 import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -28,61 +26,14 @@ from workflows.tracking import tracking_uri
 from workflows.train_data import BLOCK_ORDER, ROW_ORDER, DataOrder, Shard, load_units, seeded
 from workflows.train_loop import TrainDebug, build_model
 
+from tiny_data import COLORS, CONTEXT, ROWS, SHARDS, SIZE, shape_jpeg
+
 # Ray workers (and the Ray Data tasks they start) inherit the environment of the process that starts
 # Ray, so the S3 server's throwaway credentials (the s3_server fixture sets the same values later)
 # must be in place before the session's ray.init: test modules are imported before any fixture runs.
 for _key, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                      "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
     os.environ.setdefault(_key, _value)
-
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
-          "black": (10, 10, 10), "white": (245, 245, 245), "purple": (140, 30, 160), "orange": (250, 140, 20)}
-SHAPES = ["square", "stripe"]
-ROWS, SHARDS, CONTEXT, SIZE = 32, 3, 16, 32
-
-
-def _image(color: tuple[int, int, int], shape: str, rng: np.random.Generator) -> bytes:
-    pixels = np.full((40, 40, 3), 128, np.uint8) + rng.integers(-20, 20, (40, 40, 3)).astype(np.uint8)
-    if shape == "square":
-        pixels[8:32, 8:32] = color
-    else:
-        pixels[:, 14:26] = color
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
-    return out.getvalue()
-
-
-@pytest.fixture(scope="module")
-def train_data(tmp_path_factory) -> Path:
-    """Tiny training shards in the preprocess contract's format (Parquet + manifest.json + tokenizer/)."""
-    root = tmp_path_factory.mktemp("train-data")
-    rng = np.random.default_rng(0)
-    names = [(c, s) for c in COLORS for s in SHAPES]
-    captions = [f"a photo of a {c} {s}" for c, s in names]
-    tok = Tokenizer.train(captions * 4, vocab_size=550, context_length=CONTEXT)
-    tok.save(root / "tokenizer")
-    shards = []
-    for shard in range(SHARDS):
-        keys, images, caps = [], [], []
-        for row in range(ROWS):
-            color, shape = names[int(rng.integers(len(names)))]
-            keys.append(f"s{shard}-{row:03d}")
-            images.append(_image(COLORS[color], shape, rng))
-            caps.append(f"a photo of a {color} {shape}")
-        tokens = [t.tolist() for t in tok(caps).to(torch.int32)]
-        table = pa.table({"key": keys, "image": pa.array(images, pa.binary()), "caption": caps,
-                          "tokens": pa.array(tokens, pa.list_(pa.int32()))})
-        name = f"shard-{shard:05d}.parquet"
-        pq.write_table(table, root / name, row_group_size=10)  # several row groups: partial reads are exercised
-        shards.append({"path": name, "rows": ROWS, "bytes": (root / name).stat().st_size, "sha256": "-"})
-    total = SHARDS * ROWS
-    (root / "manifest.json").write_text(json.dumps({
-        "version": 1, "counts": {"input": total, "written": total, "duplicates": 0, "rejected": {}},
-        "shards": shards, "tokenizer": tok.id, "tokenizer_path": "tokenizer", "context_length": CONTEXT,
-        "image_size": SIZE, "resize_mode": "center_crop", "sources": [], "input_fingerprint": "x",
-        "content_hash": "tiny-v1", "config": {}, "bytes": sum(s["bytes"] for s in shards)}))
-    return root
-
 
 def _cfg(data: Path | str, home: Path, *extra: str):
     return load_config(None, [
@@ -233,7 +184,7 @@ def test_two_workers_survive_a_killed_worker_with_exact_resume(ray_runtime, trai
     for color in ("red", "blue", "green"):
         (zeroshot / color).mkdir(parents=True)
         for n in range(2):
-            (zeroshot / color / f"{n}.jpg").write_bytes(_image(COLORS[color], "square", rng))
+            (zeroshot / color / f"{n}.jpg").write_bytes(shape_jpeg(COLORS[color], "square", rng))
     cfg = _cfg(train_data, tmp_path, f"storage.path={tmp_path / 'runs'}", "mlflow.publish_every=3",
                f"eval.zeroshot=[{zeroshot}]", "train.zero_shot_every=9")
     result = run_training(cfg, TrainDebug(ledger_dir=str(ledger_dir), fail_at_step=7, fail_rank=1, fail_after_s=5))

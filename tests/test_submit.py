@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from mlflow import MlflowClient
 
+from clip_core import load_checkpoint
 from workflows.cli import build_parser, main
 from workflows.config import load_config
 from workflows.errors import UserError
@@ -164,6 +166,29 @@ def test_submit_runs_a_stage_on_a_real_ray_head(ray_head: str, tmp_path: Path, c
     assert (home / "data" / "eval" / "zeroshot" / "classnames.txt").is_file()
     captions = (home / "data" / "eval" / "retrieval" / "captions.jsonl").read_text().splitlines()
     assert captions and "captions" in json.loads(captions[0])
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_submitted_training_job_checkpoints_and_registers(ray_head: str, train_data: Path, tmp_path: Path, capsys,
+                                                          monkeypatch) -> None:
+    """`clipflow train` as a Ray job on the head: Ray Train inside the job, a checkpoint, a registered version."""
+    monkeypatch.setenv("RAY_AUTH_TOKEN", HEAD_TOKEN)
+    home, store = tmp_path / "home", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = [f"home={home}", f"train.data={train_data}", "model.name=tiny-vit", "tokenizer.context_length=16",
+                 "train.global_batch_size=16", "train.epochs=1", "train.warmup_steps=1", "train.log_every=3",
+                 "scaling.min_workers=1", "scaling.max_workers=1", f"mlflow.tracking_uri={store}",
+                 "mlflow.system_metrics=false", "mlflow.registered_model=submitted"]
+    code = main(["submit", "--address", ray_head, "--stage", "train", "--config", str(CONFIG),
+                 *[a for o in overrides for a in ("--set", o)], "--wait", "--timeout", "270"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "status      SUCCEEDED" in out and "[train] step 6/6" in out  # 96 rows / 16 = 6 steps, logs streamed
+
+    (checkpoint,) = home.glob("runs/*/checkpoint_00000006")
+    assert load_checkpoint(checkpoint).trainer_state["step"] == 6
+    (version,) = MlflowClient(store).search_model_versions("name = 'submitted'")
+    assert version.tags["step"] == "6" and version.tags["eval_status"] == "pending"
 
 
 @pytest.mark.integration
