@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import collections
 import importlib.metadata
-from concurrent.futures import Future, ThreadPoolExecutor
 import json
 import logging
 import os
 import re
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
