@@ -20,7 +20,9 @@ from clip_core import Tokenizer, create_model, load_templates, save_checkpoint
 from workflows import registry
 from workflows.config import Config, load_config
 
-COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+from tiny_data import COLORS as TINY_COLORS
+
+COLORS = {name: TINY_COLORS[name] for name in ("red", "green", "blue")}
 WORDS = ["red", "green", "blue", "photo", "of", "a", "the", "small", "big", "square", "colour"]
 
 

@@ -130,14 +130,13 @@ def _run_url(uri: str, run_id: str) -> str:
 
 
 def _champion(uri: str, name: str) -> str | None:
-    """The version holding the ``champion`` alias (best primary metric so far, possibly an earlier demo's)."""
+    """The version holding the ``champion`` alias (best primary metric so far, possibly an earlier demo's);
+    None before any version was evaluated successfully."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    try:
-        return mlflow.MlflowClient(uri).get_model_version_by_alias(name, "champion").version
-    except MlflowException:  # no champion yet: no version has been evaluated successfully
-        return None
+    from workflows import registry
+
+    return registry.registered_model(mlflow.MlflowClient(uri), name).aliases.get(registry.CHAMPION_ALIAS)
 
 
 def _banner(text: str) -> None:

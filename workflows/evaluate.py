@@ -41,6 +41,7 @@ from workflows import registry, storage
 from workflows.config import Config
 from workflows.errors import UserError
 from workflows.serving import embed_images, embed_texts, images_to_tensor, model_image_size
+from workflows.tokenizer_io import load_tokenizer
 from workflows.tracking import get_or_create_experiment, mlflow_key, tracking_uri
 
 ZEROSHOT, RETRIEVAL = "zeroshot", "retrieval"
@@ -250,9 +251,9 @@ def zero_shot_in_process(model: CLIP, tokenizer: Tokenizer, cfg: Config,
 def expected_tokenizer_id(cfg: Config) -> str | None:
     """The tokenizer this eval config means: an explicit one, else the training data's; None if unknown."""
     t = cfg.tokenizer
+    if t.source == "path" and t.path:
+        return load_tokenizer(t.path, cfg.storage.s3_endpoint).id
     try:
-        if t.source == "path" and t.path:
-            return Tokenizer.load(t.path).id
         if t.source == "openai_bpe" and t.bpe_path:
             return Tokenizer.from_openai_bpe(t.bpe_path, t.context_length).id
     except (OSError, ValueError) as exc:

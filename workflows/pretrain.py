@@ -20,7 +20,7 @@ from typing import Any
 
 from clip_core import Tokenizer, create_model
 from workflows import storage
-from workflows.accumulation import check_world_sizes, plan_batches
+from workflows.accumulation import check_world_sizes
 from workflows.config import Config
 from workflows.errors import UserError
 from workflows.local_services import ensure_ray
@@ -94,7 +94,7 @@ def run_training(cfg: Config, debug: TrainDebug | None = None) -> TrainResult:
     result = trainer.fit()
     metrics = result.metrics
     return TrainResult(
-        checkpoint_uri=_uri_like(cfg.storage.path, result.checkpoint.path),
+        checkpoint_uri=storage.to_uri(cfg.storage.path, result.checkpoint.path),
         steps=int(metrics["step"]), samples_seen=int(metrics["samples_seen"]), final_loss=float(metrics["loss"]),
         samples_per_second=float(metrics["samples_per_second"]), mlflow_run_id=str(metrics["mlflow_run_id"]),
         run_name=setup.run_name, world_size=int(metrics["world_size"]), wall_seconds=time.monotonic() - start)
@@ -139,8 +139,6 @@ def prepare_run(cfg: Config, debug: TrainDebug) -> RunSetup:
     if not 1 <= s.min_workers <= s.max_workers:
         raise UserError(f"scaling needs 1 <= min_workers <= max_workers, got {s.min_workers}..{s.max_workers}")
     check_world_sizes(t.global_batch_size, s.min_workers, s.max_workers)
-    for world in range(s.min_workers, s.max_workers + 1):
-        plan_batches(t.global_batch_size, world, t.micro_batch_size)
     shards = tuple(Shard(storage.join(t.data, item["path"]), int(item["rows"])) for item in manifest["shards"])
     order = DataOrder(shards, t.seed, t.global_batch_size)
     if order.steps_per_epoch < 1:
@@ -217,7 +215,3 @@ def _check_resume(uri: str, cfg: Config, tokenizer: Tokenizer, manifest_hash: st
         raise UserError(f"checkpoint {uri} was trained on other data (manifest hash "
                         f"{state.get('data_manifest_hash')!r} != {manifest_hash!r}); set train.data to that data")
 
-
-def _uri_like(base: str, path: str) -> str:
-    """A path inside the storage filesystem, written the way ``base`` is (``s3://`` or local)."""
-    return storage.S3 + path if storage.is_s3(base) else path

@@ -137,11 +137,14 @@ def _split_key(name: str) -> tuple[str, str]:
     return posixpath.join(directory, stem), ext.lower()
 
 
+def _missing(image: bytes | None, caption: bytes | None) -> str:
+    return "missing_image" if image is None else "missing_caption" if caption is None else ""
+
+
 def _pair(key: str, files: dict[str, bytes]) -> RawSample:
     image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
     caption = files.get("txt")
-    error = "missing_image" if image is None else "missing_caption" if caption is None else ""
-    return RawSample(key, image, caption, error)
+    return RawSample(key, image, caption, _missing(image, caption))
 
 
 def _read_tar(source: Source, endpoint: str) -> Iterator[RawSample]:
@@ -187,10 +190,8 @@ def _read_parquet(source: Source, endpoint: str) -> Iterator[RawSample]:
             captions = pc.cast(batch.column(caption_col), pa.binary()).to_pylist()
             keys = batch.column(KEY_COLUMN).to_pylist() if KEY_COLUMN in names else [None] * len(images)
             for image, caption, key in zip(images, captions, keys):
-                sample = RawSample(str(key) if key is not None else f"{row:09d}", image, caption)
-                sample.error = "missing_image" if image is None else "missing_caption" if caption is None else ""
+                yield RawSample(str(key) if key is not None else f"{row:09d}", image, caption, _missing(image, caption))
                 row += 1
-                yield sample
     except (OSError, pa.ArrowException):
         yield RawSample(f"{storage.basename(source.uri)}:{row}", error="unreadable_shard")
 

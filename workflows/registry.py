@@ -111,12 +111,7 @@ def stage_checkpoint(uri: str, endpoint: str, dest: Path, wait_s: float = CHECKP
         if not storage.exists(storage.join(uri, "checkpoint.json"), endpoint):
             raise FileNotFoundError(f"checkpoint {uri} does not exist (deleted, or never written)")
         shutil.rmtree(target, ignore_errors=True)
-        files = storage.list_files(uri, endpoint, recursive=True)
-        for file_uri in files:
-            relative = file_uri[len(uri.rstrip("/")) + 1:]
-            local = target / relative
-            local.parent.mkdir(parents=True, exist_ok=True)
-            local.write_bytes(storage.read_bytes(file_uri, endpoint))
+        storage.download_tree(uri, target, endpoint)
         try:
             load_checkpoint(target)
             return target

@@ -66,7 +66,8 @@ def basename(uri: str) -> str:
     return posixpath.basename(uri.rstrip("/"))
 
 
-def _to_uri(uri_like: str, path: str) -> str:
+def to_uri(uri_like: str, path: str) -> str:
+    """A path inside the storage filesystem (as ``resolve`` returns it), written the way ``uri_like`` is."""
     return S3 + path if is_s3(uri_like) else path
 
 
@@ -87,7 +88,7 @@ def list_files(uri: str, endpoint: str | None = None, recursive: bool = False) -
     """Files (not directories) under directory ``uri``, sorted; [] when it does not exist."""
     fs, path = resolve(uri, endpoint)
     selector = pafs.FileSelector(path, allow_not_found=True, recursive=recursive)
-    return sorted(_to_uri(uri, i.path) for i in fs.get_file_info(selector) if i.type == pafs.FileType.File)
+    return sorted(to_uri(uri, i.path) for i in fs.get_file_info(selector) if i.type == pafs.FileType.File)
 
 
 def glob(pattern: str, endpoint: str | None = None) -> list[str]:
@@ -108,7 +109,7 @@ def glob(pattern: str, endpoint: str | None = None) -> list[str]:
         # fnmatch's "*" also matches "/": outside "**" patterns a match must be as deep as the pattern.
         if (item.type == pafs.FileType.File and fnmatch.fnmatchcase(item.path, path)
                 and (deep or item.path.count("/") == path.count("/"))):
-            matches.append(_to_uri(pattern, item.path))
+            matches.append(to_uri(pattern, item.path))
     return sorted(matches)
 
 
@@ -116,6 +117,15 @@ def read_bytes(uri: str, endpoint: str | None = None) -> bytes:
     fs, path = resolve(uri, endpoint)
     with fs.open_input_stream(path) as f:
         return f.read()
+
+
+def download_tree(uri: str, local_dir: Path, endpoint: str | None = None) -> Path:
+    """Copy every file under directory ``uri`` into ``local_dir``, keeping relative paths; returns ``local_dir``."""
+    for file_uri in list_files(uri, endpoint, recursive=True):
+        local = local_dir / file_uri[len(uri.rstrip("/")) + 1:]
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_bytes(read_bytes(file_uri, endpoint))
+    return local_dir
 
 
 def open_input(uri: str, endpoint: str | None = None):

@@ -17,9 +17,7 @@ def load_tokenizer(uri: str, endpoint: str = "") -> Tokenizer:
         if not storage.is_s3(uri):
             return Tokenizer.load(uri)
         with tempfile.TemporaryDirectory() as tmp:
-            for file_uri in storage.list_files(uri, endpoint):
-                Path(tmp, storage.basename(file_uri)).write_bytes(storage.read_bytes(file_uri, endpoint))
-            return Tokenizer.load(tmp)
+            return Tokenizer.load(storage.download_tree(uri, Path(tmp), endpoint))
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the tokenizer from {uri}: {exc}") from exc
 

@@ -84,11 +84,13 @@ class DataOrder:
     def block_order(self, epoch: int, shard: int) -> np.ndarray:
         return seeded(BLOCK_ORDER, self.seed, epoch, shard).permutation(-(-self.shards[shard].rows // BLOCK_ROWS))
 
+    def block_size(self, shard: int, block: int) -> int:
+        return min(BLOCK_ROWS, self.shards[shard].rows - block * BLOCK_ROWS)
+
     def block_rows(self, epoch: int, shard: int, block: int) -> np.ndarray:
         """Rows of ``shard`` in ``block``, in this epoch's order."""
-        first = block * BLOCK_ROWS
-        count = min(BLOCK_ROWS, self.shards[shard].rows - first)
-        return first + seeded(ROW_ORDER, self.seed, epoch, shard, block).permutation(count)
+        permutation = seeded(ROW_ORDER, self.seed, epoch, shard, block).permutation(self.block_size(shard, block))
+        return block * BLOCK_ROWS + permutation
 
     def read_units(self, epoch: int, first_step: int, rank: int, world_size: int) -> list[dict[str, Any]]:
         """What rank ``rank`` reads for steps ``first_step..`` of ``epoch``, in training order: per block
@@ -99,7 +101,7 @@ class DataOrder:
         for shard in self.shard_order(epoch):
             shard = int(shard)
             for block in self.block_order(epoch, shard):
-                count = min(BLOCK_ROWS, self.shards[shard].rows - int(block) * BLOCK_ROWS)
+                count = self.block_size(shard, int(block))
                 lo, hi = max(start, offset), min(stop, offset + count)
                 if lo < hi:
                     positions = np.arange(lo, hi)
