@@ -11,14 +11,15 @@ paper's AdamW (betas 0.9/0.98, eps 1e-6, weight decay 0.2 on weight matrices onl
 ``workflows.optim.param_groups``) and a warmup-cosine LR schedule stepped every step. TF32 and
 cuDNN autotuning are on for both, as open_clip_train sets them.
 
-- clipflow: the step of ``workflows.train_loop.optimizer_step`` (one micro-batch, no gradient
+- clipflow: the trainer's own step, ``workflows.optim.optimizer_step`` (one micro-batch, no gradient
   clipping: the defaults): uint8 images normalised on the device, forward + ``clip_core.ClipLoss`` +
   backward through ``workflows.accumulation.accumulate_gradients``, AdamW, scheduler, temperature
-  clamp. ``workflows.train_loop`` itself is not imported: it pulls in MLflow and Ray, which GPU
-  images need not have. Levers, each switchable so gains can be attributed: ``--compile`` (whole
-  model + loss, or regional: each transformer block and ResNet bottleneck), ``--compile-mode``
-  (``reduce-overhead`` adds CUDA graphs), fused AdamW (``build_optimizer``; ``--no-fused-adamw``),
-  channels_last ResNets (``--no-channels-last``).
+  clamp. Its levers are the trainer's too (``workflows.acceleration``; config keys in brackets),
+  each switchable so gains can be attributed: ``--compile`` (``model.compile``: whole model + loss,
+  or regional: each transformer block and ResNet bottleneck), ``--compile-mode``
+  (``model.compile_mode``; ``reduce-overhead`` adds CUDA graphs), fused AdamW (``build_optimizer``;
+  ``--no-fused-adamw``), channels_last ResNets (``model.channels_last``; ``--no-channels-last``).
+  Nothing here imports MLflow or Ray, which GPU images need not have.
 - OpenCLIP: open_clip_train's step with ``--precision amp_bf16``: an fp32 ``open_clip.create_model``
   run eagerly under autocast, float images already normalised (its data loader does that on the
   CPU, so it is not timed), ``open_clip.loss.ClipLoss``, plain ``torch.optim.AdamW`` (the default
@@ -59,18 +60,13 @@ from torch import nn
 from clip_core import ClipLoss, create_model, list_models, model_flops_per_sample, normalize
 from clip_core.model import CLIP, MAX_LOGIT_SCALE
 from clip_core.model_configs import CLIPConfig
-from clip_core.modified_resnet import Bottleneck
-from clip_core.transformer import ResidualAttentionBlock
-from workflows.accumulation import accumulate_gradients
+from workflows.acceleration import COMPILE_MODES, COMPILE_SCOPES, compile_for_training, use_channels_last, uses_cudagraphs
 from workflows.config import TrainConfig
-from workflows.optim import build_optimizer, build_scheduler, param_groups
+from workflows.optim import build_optimizer, build_scheduler, optimizer_step, param_groups
 from workflows.throughput import mfu, peak_memory_bytes
 
 SYSTEMS = ("clipflow", "openclip")
 DEFAULT_MODELS = "ViT-B-32:512,ViT-B-16:256,ViT-L-14:128,RN50:256"
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
-CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
-REGIONS = (ResidualAttentionBlock, Bottleneck)  # what --compile regional compiles, one module at a time
 # The issue's targets: clipflow/OpenCLIP samples/s, and clipflow's MFU.
 SPEEDUP_TARGETS = {("ViT-B-32", 512): 1.5}
 MFU_TARGETS = {("ViT-B-16", 256): 0.45, ("ViT-L-14", 128): 0.45}
@@ -159,7 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="activation for both systems: the clip_core zoo's (QuickGELU for the paper's models), QuickGELU, "
              "or nn.GELU (OpenCLIP's own default for these names); default: %(default)s")
     levers = parser.add_argument_group("clipflow levers")
-    levers.add_argument("--compile", choices=("none", "full", "regional"), default="regional",
+    levers.add_argument("--compile", choices=COMPILE_SCOPES, default="regional",
                         help="torch.compile the whole model and loss, or each transformer block and ResNet "
                              "bottleneck (default: %(default)s)")
     levers.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
@@ -189,13 +185,6 @@ def release(device: torch.device) -> None:
     torch._dynamo.reset()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def allow_recompiles(limit: int = 64) -> None:
-    """Regional compilation compiles the shared block code once per distinct block shape (RN50 has 8
-    bottleneck variants): raise dynamo's per-code-object limit above that so none falls back to eager."""
-    config = torch._dynamo.config
-    setattr(config, "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit", limit)
 
 
 def random_batch(cfg: CLIPConfig, batch: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,42 +220,19 @@ def bf16_autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def compile_clipflow(model: CLIP, loss_fn: nn.Module, args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
-    """(model, loss) to call: compiled whole, or with each block compiled in place (same state dict)."""
-    options = dict(mode=args.compile_mode, backend=args.compile_backend, dynamic=False)
-    if args.compile == "full":
-        return torch.compile(model, **options), torch.compile(loss_fn, **options)
-    if args.compile == "regional":
-        for module in model.modules():
-            if isinstance(module, REGIONS):
-                module.compile(**options)
-    return model, loss_fn
-
-
 def clipflow_step(name: str, images: torch.Tensor, tokens: torch.Tensor, args: argparse.Namespace,
                   device: torch.device) -> Step:
     raw = build_clipflow_model(name, args, device)
-    if args.channels_last and raw.config.vision.is_resnet:
-        raw = raw.to(memory_format=torch.channels_last)
+    if args.channels_last and use_channels_last(raw):
         images = images.contiguous(memory_format=torch.channels_last)  # normalize() keeps the layout
     optimizer = adamw(raw, args.fused_adamw)
     scheduler = scheduler_for(optimizer, args)
-    model, loss_fn = compile_clipflow(raw, ClipLoss(), args)
+    model, loss_fn = compile_for_training(raw, ClipLoss(), args.compile, args.compile_mode, args.compile_backend)
     autocast = bf16_autocast(device)
-    mark_step = args.compile != "none" and args.compile_mode in CUDAGRAPH_MODES
-
-    def step() -> torch.Tensor:
-        # workflows.train_loop.optimizer_step with one micro-batch and gradient clipping off
-        if mark_step:
-            torch.compiler.cudagraph_mark_step_begin()
-        loss = accumulate_gradients(model, loss_fn, normalize(images), tokens, 1, autocast, [raw.logit_scale])
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        raw.clamp_logit_scale()
-        return loss
-
-    return step
+    cudagraphs = uses_cudagraphs(args.compile, args.compile_mode)
+    # one micro-batch and no gradient clipping: the trainer's defaults
+    return lambda: optimizer_step(model, raw, loss_fn, optimizer, scheduler, images, tokens, 1, autocast, 0.0,
+                                  cudagraphs)
 
 
 def openclip_step(name: str, images: torch.Tensor, tokens: torch.Tensor, args: argparse.Namespace,
@@ -427,7 +393,6 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("CUDA is not available here: pass --device cpu for a smoke run")
         torch.backends.cuda.matmul.allow_tf32 = True  # as open_clip_train sets them, for both systems
         torch.backends.cudnn.benchmark = True
-    allow_recompiles()
     env = environment(args, device)
     lever_text = (f"compile={args.compile}/{args.compile_mode}/{args.compile_backend} fused_adamw={args.fused_adamw} "
                   f"channels_last={args.channels_last} gelu={args.gelu}")

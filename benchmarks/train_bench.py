@@ -21,23 +21,28 @@ import numpy as np
 import torch
 
 from clip_core import model_flops_per_sample
+from workflows.acceleration import compile_for_training, use_channels_last, uses_cudagraphs
 from workflows.accumulation import plan_batches
 from workflows.config import load_config
 from workflows.local_services import ensure_ray
-from workflows.optim import build_optimizer, build_scheduler
+from workflows.optim import build_optimizer, build_scheduler, optimizer_step
 from workflows.pretrain import prepare_run
 from workflows.throughput import mfu, peak_flops
 from workflows.train_data import epoch_batches
-from workflows.train_loop import TrainDebug, autocast_for, build_model, make_loss, optimizer_step, to_device
+from workflows.train_loop import TrainDebug, autocast_for, build_model, make_loss, to_device
 
 
 def measure(batches: Iterator[dict], steps: int, cfg, setup, device) -> dict[str, float]:
     """Train a fresh model for ``steps`` optimizer steps on ``batches`` (after one untimed warm-up step)."""
-    model = build_model(cfg, setup).to(device)
+    model = build_model(cfg, setup)
+    channels_last = cfg.model.channels_last and use_channels_last(model)
+    model = model.to(device)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, steps + 1)
     plan = plan_batches(cfg.train.global_batch_size, 1, cfg.train.micro_batch_size)
     loss_fn, autocast = make_loss(cfg, model), autocast_for(cfg, device)
+    step_model, loss_fn = compile_for_training(model, loss_fn, cfg.model.compile, cfg.model.compile_mode)
+    cudagraphs = uses_cudagraphs(cfg.model.compile, cfg.model.compile_mode)
     wait, start = 0.0, 0.0
     for i in range(steps + 1):  # step 0 warms up (first batch, allocator), not timed
         if i == 1:
@@ -46,8 +51,10 @@ def measure(batches: Iterator[dict], steps: int, cfg, setup, device) -> dict[str
         batch = next(batches)
         wait += time.perf_counter() - t
         images, tokens = to_device(batch, device)
-        loss = optimizer_step(model, model, loss_fn, optimizer, scheduler, images, tokens, plan, autocast,
-                              cfg.train.grad_clip_norm)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        loss = optimizer_step(step_model, model, loss_fn, optimizer, scheduler, images, tokens, plan.accum_steps,
+                              autocast, cfg.train.grad_clip_norm, cudagraphs)
     loss.item()  # wait for the device
     elapsed = time.perf_counter() - start
     return {"samples_per_second": steps * plan.global_batch / elapsed, "data_wait": wait / elapsed}

@@ -24,6 +24,10 @@ import yaml
 from workflows.errors import UserError
 
 
+CompileScope = Literal["none", "regional", "full"]  # see workflows/acceleration.py
+CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
+
+
 class ConfigError(UserError, ValueError):
     """A config that cannot run; the message says which key and what to do."""
 
@@ -83,7 +87,11 @@ class ModelConfig:
     patch_dropout: float = 0.0
     freeze_image: bool = False
     freeze_text: bool = False
-    compile: bool = False
+    # Speed levers (workflows/acceleration.py): torch.compile each block ("regional"), the whole model
+    # and loss ("full"), or nothing; the mode's CUDA graphs suit small models; NHWC ResNet towers.
+    compile: CompileScope = "none"
+    compile_mode: CompileMode = "default"
+    channels_last: bool = True
 
 
 @dataclass

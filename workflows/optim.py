@@ -1,5 +1,6 @@
 """The paper's optimisation recipe: AdamW with decoupled weight decay on weight matrices only,
-linear warmup then cosine decay (Radford et al., 2021, section 2.5 and table 20).
+linear warmup then cosine decay (Radford et al., 2021, section 2.5 and table 20); and the optimizer
+step that applies it, shared by the trainer and the benchmarks.
 
 Weight decay is a prior on the size of the projection matrices; applied to gains, biases,
 embeddings or the temperature it only drags them toward zero, so (as in the paper and OpenCLIP)
@@ -8,11 +9,15 @@ those get no decay: every parameter with fewer than 2 dims, plus embeddings and 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import nn
 
+from clip_core import normalize
+from clip_core.model import CLIP
+from workflows.accumulation import LossFn, accumulate_gradients
 from workflows.config import TrainConfig
 
 # Parameters exempt from weight decay besides 0-d/1-d ones (gains, biases, logit_scale, logit_bias).
@@ -53,3 +58,25 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int,
     """Stepped once per optimizer step; its state_dict (the step count) goes into checkpoints."""
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps))
+
+
+def optimizer_step(model: nn.Module, raw: CLIP, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler, images: torch.Tensor, tokens: torch.Tensor,
+                   accum_steps: int, autocast: contextlib.AbstractContextManager, grad_clip_norm: float,
+                   cudagraphs: bool = False) -> torch.Tensor:
+    """One optimizer step on this rank's per-step batch (uint8 images on the device); returns the loss.
+
+    ``model`` is what to call (DDP and/or compiled), ``raw`` the bare CLIP underneath. No host sync:
+    the loss stays on the device until the caller reads it. ``cudagraphs``: the model was compiled
+    with CUDA graphs, whose replays must be told where a step begins (``acceleration``)."""
+    if cudagraphs:
+        torch.compiler.cudagraph_mark_step_begin()
+    temperature = [p for p in (raw.logit_scale, raw.logit_bias) if p is not None]
+    loss = accumulate_gradients(model, loss_fn, normalize(images), tokens, accum_steps, autocast, temperature)
+    if grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    raw.clamp_logit_scale()
+    return loss

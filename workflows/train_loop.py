@@ -26,13 +26,14 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.distributed as dist
 
-from clip_core import ClipLoss, SigLipLoss, Tokenizer, create_model, load_checkpoint, model_flops_per_sample, normalize
+from clip_core import ClipLoss, SigLipLoss, Tokenizer, create_model, load_checkpoint, model_flops_per_sample
 from clip_core import save_checkpoint
 from clip_core.model import CLIP
 from workflows import storage
-from workflows.accumulation import BatchPlan, accumulate_gradients, plan_batches
+from workflows.accumulation import plan_batches
 from workflows.config import Config
-from workflows.optim import build_optimizer, build_scheduler
+from workflows.acceleration import compile_for_training, use_channels_last, uses_cudagraphs
+from workflows.optim import build_optimizer, build_scheduler, optimizer_step
 from workflows.throughput import mfu, peak_flops, peak_memory_bytes
 from workflows.tracking import Tracker
 from workflows.train_data import DataOrder, epoch_batches
@@ -102,21 +103,6 @@ def autocast_for(cfg: Config, device: torch.device) -> contextlib.AbstractContex
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def optimizer_step(model: torch.nn.Module, raw: CLIP, loss_fn, optimizer: torch.optim.Optimizer,
-                   scheduler: torch.optim.lr_scheduler.LRScheduler, images: torch.Tensor, tokens: torch.Tensor,
-                   plan: BatchPlan, autocast: contextlib.AbstractContextManager, grad_clip_norm: float) -> torch.Tensor:
-    """One optimizer step on this rank's per-step batch (uint8 images on the device); returns the loss."""
-    temperature = [p for p in (raw.logit_scale, raw.logit_bias) if p is not None]
-    loss = accumulate_gradients(model, loss_fn, normalize(images), tokens, plan.accum_steps, autocast, temperature)
-    if grad_clip_norm:
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), grad_clip_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    raw.clamp_logit_scale()
-    return loss
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,9 +241,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     raw = build_model(cfg, setup)
     trainer_state, training_state = restore(raw, cfg)
+    channels_last = cfg.model.channels_last and use_channels_last(raw)  # before DDP registers the parameters
     model = ray.train.torch.prepare_model(raw)  # to device + DDP when world > 1
-    if cfg.model.compile:
-        model = torch.compile(model)
     optimizer = build_optimizer(raw, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train.warmup_steps, total_steps)
     step = int(trainer_state.get("step", 0))
@@ -266,9 +251,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(training_state["scheduler"])
     _restore_rng(training_state and training_state["rng"], cfg, rank, step, device)
     loss_fn, autocast = make_loss(cfg, raw), autocast_for(cfg, device)
+    model, loss_fn = compile_for_training(model, loss_fn, cfg.model.compile, cfg.model.compile_mode)
+    cudagraphs = uses_cudagraphs(cfg.model.compile, cfg.model.compile_mode)
     if rank == 0:
         print(f"[train] {setup.run_name}: world {world}, per-worker batch {plan.per_worker} = {plan.accum_steps} x "
-              f"{plan.micro_batch}, steps {step}->{total_steps}" + (" (resumed)" if step else ""), flush=True)
+              f"{plan.micro_batch}, steps {step}->{total_steps}" + (" (resumed)" if step else "")
+              + (f", compile {cfg.model.compile}/{cfg.model.compile_mode}" if cfg.model.compile != "none" else "")
+              + (", channels_last" if channels_last else ""), flush=True)
     meter = Meter(plan.global_batch, step, model_flops_per_sample(raw.config),
                   peak_flops(device, cfg.train.peak_flops) if rank == 0 else 0.0, world)
     loss = torch.zeros(())
@@ -281,8 +270,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                     augment=cfg.train.augment, endpoint=cfg.storage.s3_endpoint)
             for batch in itertools.islice(meter.timed(batches), steps_left):
                 images, tokens = to_device(batch, device)
-                loss = optimizer_step(model, raw, loss_fn, optimizer, scheduler, images, tokens, plan, autocast,
-                                      cfg.train.grad_clip_norm)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                loss = optimizer_step(model, raw, loss_fn, optimizer, scheduler, images, tokens, plan.accum_steps,
+                                      autocast, cfg.train.grad_clip_norm, cudagraphs)
                 step += 1
                 if debug.ledger_dir:
                     _append_ledger(debug, rank, world, epoch, step, batch["key"])
