@@ -88,36 +88,49 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
-                      ks: Sequence[int] = (1, 5, 10), batch_size: int = 1024) -> dict[str, float]:
+                      ks: Sequence[int] = (1, 5, 10), batch_size: int = 1024,
+                      image_ok: torch.Tensor | None = None) -> dict[str, float]:
     """Recall@k with CLIP_benchmark's names, on cosine similarity (features are L2-normalised here):
 
     - ``image_retrieval_recall@k``: per text, is its image among the k most similar images;
     - ``text_retrieval_recall@k``: per image, is ANY of its texts among the k most similar texts.
     ``text_to_image[t]`` is the index of text t's image. k larger than the candidate set counts as
     the whole set. Queries are scored ``batch_size`` at a time, so memory stays O(batch x candidates).
+
+    ``image_ok`` (bool per image, default all True) marks the images that could be read. The others
+    are never retrieved (similarity -inf, whatever their features) and count as misses where they
+    are the answer or the query, so an unreadable image can only lower the recalls.
     """
     if text_to_image.shape != (text_features.shape[0],) or not (
             0 <= text_to_image.min() and text_to_image.max() < image_features.shape[0]):
         raise ValueError(f"text_to_image must hold one image index in [0, {image_features.shape[0]}) per text "
                          f"({text_features.shape[0]} texts), got shape {tuple(text_to_image.shape)}")
+    if image_ok is not None and image_ok.shape != (image_features.shape[0],):
+        raise ValueError(f"image_ok must hold one bool per image ({image_features.shape[0]}), "
+                         f"got shape {tuple(image_ok.shape)}")
     images = F.normalize(image_features.float(), dim=-1)
     texts = F.normalize(text_features.float(), dim=-1)
     text_to_image = text_to_image.to(images.device).long()
     image_ids = torch.arange(images.shape[0], device=images.device)
+    ok = (torch.ones(images.shape[0], dtype=torch.bool, device=images.device) if image_ok is None
+          else image_ok.to(images.device, torch.bool))
 
-    def hit_ranks(queries: torch.Tensor, candidates: torch.Tensor,
+    def hit_ranks(queries: torch.Tensor, candidates: torch.Tensor, candidate_ok: torch.Tensor | None,
                   is_positive: Callable[[torch.Tensor, slice], torch.Tensor]) -> torch.Tensor:
         """(Q, max_k) bool: is the r-th best candidate of each query a positive."""
         max_k = min(max(ks), candidates.shape[0])
         out = []
         for start in range(0, queries.shape[0], batch_size):
             rows = slice(start, start + batch_size)
-            ranked = (queries[rows] @ candidates.T).topk(max_k, dim=1).indices
-            out.append(is_positive(ranked, rows))
+            scores = queries[rows] @ candidates.T
+            if candidate_ok is not None:
+                scores = scores.masked_fill(~candidate_ok, float("-inf"))
+            out.append(is_positive(scores.topk(max_k, dim=1).indices, rows))
         return torch.cat(out)
 
-    text_hits = hit_ranks(texts, images, lambda ranked, rows: ranked == text_to_image[rows, None])
-    image_hits = hit_ranks(images, texts, lambda ranked, rows: text_to_image[ranked] == image_ids[rows, None])
+    text_hits = hit_ranks(texts, images, ok, lambda ranked, rows: (ranked == text_to_image[rows, None]) & ok[ranked])
+    image_hits = hit_ranks(images, texts, None,
+                           lambda ranked, rows: (text_to_image[ranked] == image_ids[rows, None]) & ok[rows, None])
     metrics = {}
     for k in ks:
         metrics[f"image_retrieval_recall@{k}"] = text_hits[:, :k].any(dim=1).float().mean().item()

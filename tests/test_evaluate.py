@@ -9,14 +9,16 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow import MlflowClient
 
-from clip_core import Tokenizer, load_checkpoint
+from clip_core import Tokenizer, create_model, load_checkpoint
 from mlflow_helpers import (make_checkpoint, make_config, make_eval_sets, publish, train_tokenizer, training_run,
                             unique_name)
 from workflows import registry
 from workflows.errors import UserError
-from workflows.evaluate import run_eval, zero_shot_in_process
+from workflows.evaluate import (embed_images_local, read_retrieval_set, retrieval_result, run_eval,
+                                zero_shot_in_process)
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(300)
@@ -34,6 +36,18 @@ def env(mlflow_server, ray_runtime, tmp_path_factory):
             "tokenizer": tokenizer, "checkpoints": checkpoints, "run_id": training_run(client)}
 
 
+@pytest.fixture
+def tracking_uri_elsewhere(env, tmp_path):
+    """Points the process-wide tracking URI at another store when called (the server's again afterwards)."""
+    def point() -> str:
+        other = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+        mlflow.set_tracking_uri(other)
+        return other
+
+    yield point
+    mlflow.set_tracking_uri(env["server"].uri)
+
+
 def _config(env, name: str):
     return make_config(env["root"], env["server"].uri, name, zeroshot=env["zeroshot"], retrieval=env["retrieval"])
 
@@ -43,12 +57,14 @@ def _publish_all(env, name: str) -> list[str]:
             for i, ckpt in enumerate(env["checkpoints"])]
 
 
-def test_eval_one_version_logs_results_tags_and_aliases(env):
+def test_eval_one_version_logs_results_tags_and_aliases(env, tracking_uri_elsewhere):
     client, name = env["client"], unique_name("ev")
     version = publish(client, name, env["run_id"], env["checkpoints"][0], step=10)
     cfg = _config(env, name)
+    elsewhere = tracking_uri_elsewhere()
     (result,) = run_eval(cfg, version=version)
-    assert result["status"] == "done", result
+    assert result["status"] == "done", result  # the config's server was used throughout ...
+    assert os.environ["MLFLOW_TRACKING_URI"] == mlflow.get_tracking_uri() == elsewhere  # ... and only it
     m = result["metrics"]
     for key in ("zeroshot/acc1", "zeroshot/acc5", "zeroshot/mean_per_class_recall",
                 "retrieval/image_retrieval_recall@1", "retrieval/text_retrieval_recall@5",
@@ -74,6 +90,22 @@ def test_eval_one_version_logs_results_tags_and_aliases(env):
     assert {"zeroshot/per_class_accuracy.json", "zeroshot/confusion_matrix.png"} <= artifacts
     history = client.get_metric_history(env["run_id"], "eval/zeroshot/acc1")
     assert [h.step for h in history if h.value == pytest.approx(m["zeroshot/acc1"])] == [10]
+
+
+def test_unreadable_retrieval_image_is_never_retrieved_and_counts_as_a_miss(tmp_path):
+    _, retrieval = make_eval_sets(tmp_path)
+    data = read_retrieval_set(str(retrieval))
+    Path(data.images[0]).write_bytes(b"not an image")
+    tokenizer = train_tokenizer()
+    torch.manual_seed(0)
+    model = create_model("tiny-vit", vocab_size=tokenizer.vocab_size, context_length=16).eval()
+    features, ok, _ = embed_images_local(model, data.images, make_config(tmp_path, "unused", "unused"))
+    assert ok.tolist() == [False] + [True] * 5
+    m = retrieval_result(model, tokenizer, data, features, ok).metrics
+    assert (m["images"], m["unreadable_images"]) == (5, 1)
+    # recall@10 covers all 6 images: every caption finds its readable image, image 0's 2 of 12 never can
+    assert m["image_retrieval_recall@10"] == pytest.approx(10 / 12)
+    assert m["text_retrieval_recall@10"] <= 5 / 6  # image 0 finds nothing
 
 
 def _artifact_file(server, mv, name: str) -> Path:

@@ -40,7 +40,7 @@ def test_published_version_has_tags_and_loads_from_its_source_alone(env):
     assert mv.tags["checkpoint_uri"] == str(env["checkpoint"])
     assert mv.tags["tokenizer_id"] == env["tokenizer"].id
     assert mv.source.startswith("models:/m-")
-    loaded = load_checkpoint(registry.download_checkpoint(mv, env["tmp"] / "dl"))
+    loaded = load_checkpoint(registry.download_checkpoint(client, mv, env["tmp"] / "dl"))
     original = load_checkpoint(env["checkpoint"])
     for key, tensor in original.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], tensor), key

@@ -127,8 +127,37 @@ def test_retrieval_metrics_partially_wrong():
     assert retrieval_metrics(images, texts, text_to_image, ks=(1, 2, 10), batch_size=2) == m
 
 
+def test_retrieval_metrics_unreadable_image_is_never_retrieved_and_always_a_miss():
+    # img2 is unreadable (a zero vector). Every text's cosine with the readable images is negative or
+    # small, so unmasked the zero vector (cosine 0) outranks them: masking must make that impossible.
+    images = torch.tensor([[1.0, 0.0, 0.0],
+                           [0.0, 1.0, 0.0],
+                           [0.0, 0.0, 0.0]])
+    texts = torch.tensor([[-0.6, -0.8, 0.0],  # t0 -> img0: scores -.6 / -.8 (/ 0 unmasked)
+                          [-0.8, -0.6, 0.0],  # t1 -> img1: scores -.8 / -.6 (/ 0 unmasked)
+                          [0.6, 0.0, 0.8]])   # t2 -> img2 (unreadable): can only miss
+    text_to_image = torch.tensor([0, 1, 2])
+    ok = torch.tensor([True, True, False])
+    unmasked = retrieval_metrics(images, texts, text_to_image, ks=(1, 10))
+    assert unmasked["image_retrieval_recall@1"] == 0.0  # the zero vector wins t0 and t1
+    assert unmasked["text_retrieval_recall@10"] == 1.0  # and img2 "finds" its text
+
+    m = retrieval_metrics(images, texts, text_to_image, ks=(1, 2, 10), image_ok=ok)
+    assert m["image_retrieval_recall@1"] == pytest.approx(2 / 3)  # t0, t1 hit; t2 misses ...
+    assert m["image_retrieval_recall@10"] == pytest.approx(2 / 3)  # ... even with the whole set
+    # img0's best text is t2 (.6) then t0: rank 2; img1's is t2 (0) then t1: rank 2; img2 misses
+    assert m["text_retrieval_recall@1"] == 0.0
+    assert m["text_retrieval_recall@2"] == pytest.approx(2 / 3)
+    assert m["text_retrieval_recall@10"] == pytest.approx(2 / 3)
+    # whatever an unreadable image's features are (e.g. a black image's embedding), nothing changes
+    images[2] = texts.sum(dim=0)
+    assert retrieval_metrics(images, texts, text_to_image, ks=(1, 2, 10), batch_size=2, image_ok=ok) == m
+
+
 def test_retrieval_metrics_rejects_bad_mapping():
     with pytest.raises(ValueError, match="one image index"):
         retrieval_metrics(torch.eye(3), torch.eye(3), torch.tensor([0, 1, 3]))
     with pytest.raises(ValueError, match="one image index"):
         retrieval_metrics(torch.eye(3), torch.eye(3), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="one bool per image"):
+        retrieval_metrics(torch.eye(3), torch.eye(3), torch.arange(3), image_ok=torch.ones(2, dtype=torch.bool))

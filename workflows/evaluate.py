@@ -219,10 +219,10 @@ def zero_shot_result(model: CLIP, tokenizer: Tokenizer, data: ZeroShotSet, featu
 
 def retrieval_result(model: CLIP, tokenizer: Tokenizer, data: RetrievalSet, features: torch.Tensor, ok: np.ndarray,
                      device: str | torch.device = "cpu") -> DatasetResult:
-    """Unreadable images stay in the candidate set (as zero vectors, never retrieved first): a broken
-    eval image counts as a miss rather than making the task easier."""
+    """Unreadable images are masked out of the ranking but stay in the denominators: a broken eval
+    image counts as a miss rather than making the task easier."""
     texts = embed_texts(model, tokenizer, data.captions, device)
-    m = retrieval_metrics(features, texts, torch.tensor(data.text_to_image))
+    m = retrieval_metrics(features, texts, torch.tensor(data.text_to_image), image_ok=torch.from_numpy(ok))
     return DatasetResult({**m, "images": float(ok.sum()), "unreadable_images": float((~ok).sum())})
 
 
@@ -283,8 +283,7 @@ def run_eval(cfg: Config, pending: bool = False, version: str | int | None = Non
 
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # fail in seconds, not minutes, when down
     uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri)  # explicit everywhere: the process-wide tracking URI is left alone
     name = cfg.mlflow.registered_model
     try:
         if pending:
@@ -328,7 +327,7 @@ def _evaluate_claimed(cfg: Config, client, claim: registry.Claim, mv) -> dict[st
     eval_run = run.info.run_id
     try:
         with tempfile.TemporaryDirectory(prefix="clipflow-eval-") as tmp:
-            checkpoint = load_checkpoint(registry.download_checkpoint(mv, Path(tmp)))
+            checkpoint = load_checkpoint(registry.download_checkpoint(client, mv, Path(tmp)))
         tag = mv.tags.get("tokenizer_id")
         if tag and checkpoint.tokenizer.id != tag:
             raise CheckpointError(f"the checkpoint's tokenizer {checkpoint.tokenizer.id} differs from the version's "

@@ -43,6 +43,7 @@ import socket
 import tempfile
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,13 @@ import clip_core
 from clip_core import CheckpointError, load_checkpoint
 from workflows import storage
 from workflows.errors import UserError
+
+# Published models carry an explicit signature but no input example on purpose: MLflow validates an
+# example by loading the saved model and predicting, a second copy of a (possibly multi-GB) model at
+# every publish. Its advice to add one is silenced here, once: publishing runs on a background thread,
+# where a ``catch_warnings`` block would race with the training thread's warning filters.
+warnings.filterwarnings("ignore", message=r".*An input example was not provided when logging the model",
+                        category=UserWarning)
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 STATUS, CLAIMANT, LEASE, REASON = "eval_status", "eval_claimant", "eval_lease_expiry", "eval_reason"
@@ -238,14 +246,20 @@ def pending_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     return [mv for mv in all_versions(client, name) if claimable(mv)]
 
 
-def download_checkpoint(mv: ModelVersion, dest: Path) -> Path:
-    """The version's checkpoint from its source alone (the logged pyfunc model's artifact)."""
+def download_checkpoint(client: MlflowClient, mv: ModelVersion, dest: Path) -> Path:
+    """The version's checkpoint from its source alone (the logged pyfunc model's artifact).
+
+    The source is resolved through ``client``: MLflow resolves a ``models:/`` URI against the
+    process-wide tracking URI, which the eval job leaves alone.
+    """
     import mlflow.artifacts
 
     from workflows.serving import CHECKPOINT_ARTIFACT
 
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dest)))
+        location = client.get_model_version_download_uri(mv.name, mv.version)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(dest),
+                                                         tracking_uri=client.tracking_uri))
     except MlflowException as exc:
         raise CheckpointError(f"cannot download version {mv.version}'s source {mv.source}: {exc}") from exc
     checkpoint = local / "artifacts" / CHECKPOINT_ARTIFACT

@@ -1,13 +1,15 @@
 """Inference on a checkpoint: image/text embeddings and zero-shot probabilities, and its MLflow pyfunc.
 
 The eval job and the served model share these functions, so what `mlflow models serve` answers is
-what the eval numbers measured. This module imports only clip_core, torch, numpy, PIL and mlflow:
-it is shipped inside the logged model (``code_paths``) so the pyfunc loads without clipflow installed.
+what the eval numbers measured. This module imports only clip_core, torch, numpy, PIL, pandas and
+mlflow: it is shipped inside the logged model (``code_paths``) so the pyfunc loads without clipflow
+installed.
 
 Serving input (``mlflow models serve``, JSON ``dataframe_records``): rows with an ``image`` column
 (raw bytes or base64 text) and/or a ``text`` column. Output: one ``embedding`` (L2-normalised) per
 row; with ``params={"candidate_labels": [...]}`` image rows also get ``probs`` (one per label, in
-order, from the prompt ensemble) and ``label`` (the most probable one).
+order, from the prompt ensemble) and ``label`` (the most probable one). The logged model's
+``signature()`` declares exactly this, so serving checks requests against it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -83,16 +86,19 @@ class ClipPyfunc(mlflow.pyfunc.PythonModel):
         self.model = checkpoint.model.eval()
         self.tokenizer = checkpoint.tokenizer
 
-    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input, params: dict | None = None):
-        import pandas as pd
+    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
+                params: dict | None = None) -> pd.DataFrame:
+        """Embeddings of the rows, plus zero-shot ``probs``/``label`` of image rows given candidate labels.
 
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if not {"image", "text"} & set(frame.columns):
+        The DataFrame hint is one MLflow accepts without inferring a signature from it: the explicit
+        ``signature()`` stays the contract, and MLflow turns any request into a DataFrame by it.
+        """
+        if not {"image", "text"} & set(model_input.columns):
             raise ValueError("input needs an 'image' (bytes or base64) or a 'text' column")
         labels = list((params or {}).get("candidate_labels") or [])
-        n = len(frame)
-        images = frame["image"].tolist() if "image" in frame else [None] * n
-        texts = frame["text"].tolist() if "text" in frame else [None] * n
+        n = len(model_input)
+        images = model_input["image"].tolist() if "image" in model_input else [None] * n
+        texts = model_input["text"].tolist() if "text" in model_input else [None] * n
         image_rows = [i for i in range(n) if _present(images[i])]
         text_rows = [i for i in range(n) if _present(texts[i]) and i not in set(image_rows)]
         embeddings: list[Any] = [None] * n

@@ -16,7 +16,7 @@ import torch
 
 # Dense bf16 peak FLOP/s by device-name fragment (first match wins: more specific names first).
 GPU_PEAK_BF16 = {
-    "H200": 989e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 70e12,
+    "GH200": 989e12, "H200": 989e12, "H100": 989e12, "B200": 2250e12, "A100": 312e12, "A10G": 70e12,
     "A10": 125e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "V100": 125e12, "T4": 65e12,
 }
 
