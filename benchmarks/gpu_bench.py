@@ -60,7 +60,8 @@ from torch import nn
 from clip_core import ClipLoss, create_model, list_models, model_flops_per_sample, normalize
 from clip_core.model import CLIP, MAX_LOGIT_SCALE
 from clip_core.model_configs import CLIPConfig
-from workflows.acceleration import COMPILE_MODES, COMPILE_SCOPES, compile_for_training, use_channels_last, uses_cudagraphs
+from workflows.acceleration import (COMPILE_MODES, COMPILE_SCOPES, compile_for_training, use_channels_last,
+                                    uses_cudagraphs)
 from workflows.config import TrainConfig
 from workflows.optim import build_optimizer, build_scheduler, optimizer_step, param_groups
 from workflows.throughput import mfu, peak_memory_bytes

@@ -50,7 +50,12 @@ def test_published_version_has_tags_and_loads_from_its_source_alone(env):
 
 
 def test_pyfunc_serves_texts_and_images_with_candidate_labels(env):
-    model = mlflow.pyfunc.load_model(f"models:/{env['name']}/{env['version']}")
+    uri = f"models:/{env['name']}/{env['version']}"
+    flavor = mlflow.models.get_model_info(uri).flavors["python_function"]
+    # logged as code, not as a pickle: loading runs serving_model.py, with the templates from the config
+    assert flavor["model_code_path"].endswith("serving_model.py") and "python_model" not in flavor
+    assert flavor["config"]["templates"] == load_templates()
+    model = mlflow.pyfunc.load_model(uri)
     reference = load_checkpoint(env["checkpoint"])
     texts = ["a red square", "green photo"]
     out = model.predict(pd.DataFrame({"text": texts}))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -76,6 +77,10 @@ def run_training(cfg: Config, debug: TrainDebug | None = None) -> TrainResult:
     setup = prepare_run(cfg, debug or TrainDebug())
     # Resolved once, here: workers must log where the driver (and the user) will look.
     cfg = replace(cfg, mlflow=replace(cfg.mlflow, tracking_uri=tracking_uri(cfg)))
+    # Ray 2.60's Train workers show every print() twice: its print patch logs the line AND tees it to
+    # stdout, which Ray's workers always wrap. Unpatched, a print reaches the driver once, through
+    # Ray's log monitor. Propagated to the workers by Ray Train; an explicit setting wins.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ensure_ray()
     scaling = cfg.scaling
     fs, storage_path = storage.resolve(cfg.storage.path, cfg.storage.s3_endpoint)

@@ -1,10 +1,11 @@
 """The MLflow Model Registry side of clipflow: publishing checkpoints, claiming versions for eval, aliases.
 
 **A version is self-contained.** Publishing logs the checkpoint directory as an MLflow ``pyfunc``
-model (``workflows.serving.ClipPyfunc``; the checkpoint is its ``checkpoint`` artifact, clip_core is
-shipped in its ``code_paths``) and registers that logged model (``models:/m-<id>``) as the version's
-source. So ``mlflow models serve -m models:/<name>/<version>`` serves it, and the eval job loads the
-checkpoint from the source alone (``download_checkpoint``) even after Ray Train has rotated the
+model (``workflows.serving.ClipPyfunc``, logged as code through ``serving_model.py``, never pickled;
+the checkpoint is its ``checkpoint`` artifact, clip_core is shipped in its ``code_paths``) and
+registers that logged model (``models:/m-<id>``) as the version's source. So
+``mlflow models serve -m models:/<name>/<version>`` serves it, and the eval job loads the checkpoint
+from the source alone (``download_checkpoint``) even after Ray Train has rotated the
 original checkpoint away (``train.keep_checkpoints``) -- a version pointing at the training
 checkpoint directory would dangle, and the tracking server refuses local-path sources anyway.
 The original location is kept in the ``checkpoint_uri`` tag.
@@ -162,7 +163,8 @@ def log_pyfunc(checkpoint_dir: Path, run_id: str, templates: list[str]):
     with tempfile.TemporaryDirectory(prefix="clipflow-pyfunc-") as tmp:
         return Model.log(
             artifact_path=None, name=PYFUNC_NAME, flavor=mlflow.pyfunc, run_id=run_id,
-            python_model=serving.ClipPyfunc(templates), artifacts={serving.CHECKPOINT_ARTIFACT: str(checkpoint_dir)},
+            python_model=str(Path(serving.__file__).with_name("serving_model.py")),
+            model_config={"templates": templates}, artifacts={serving.CHECKPOINT_ARTIFACT: str(checkpoint_dir)},
             code_paths=_serving_code(Path(tmp)), pip_requirements=_pip_requirements(),
             signature=serving.signature(),
         )

@@ -76,12 +76,11 @@ def _present(value: Any) -> bool:
 
 
 class ClipPyfunc(mlflow.pyfunc.PythonModel):
-    """A clip_core checkpoint (the ``checkpoint`` artifact) as an MLflow pyfunc."""
-
-    def __init__(self, templates: Sequence[str]) -> None:
-        self.templates = list(templates)
+    """A clip_core checkpoint (the ``checkpoint`` artifact) as an MLflow pyfunc, logged as code
+    (``serving_model.py``); the zero-shot prompt templates are the ``templates`` of its model config."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self.templates = list(context.model_config["templates"])
         checkpoint = load_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT])
         self.model = checkpoint.model.eval()
         self.tokenizer = checkpoint.tokenizer
