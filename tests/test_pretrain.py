@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from clip_core import ClipLoss, Tokenizer, load_checkpoint, normalize, save_checkpoint
+from workflows import train_loop
 from workflows.config import load_config
 from workflows.errors import UserError
 from workflows.pretrain import prepare_run, run_training
@@ -119,6 +120,24 @@ def test_step_samples_do_not_depend_on_world_size(train_data, tmp_path):
     state = lambda *args: seeded(*args).bit_generator.state["state"]  # noqa: E731
     assert state(ROW_ORDER, 3, 1, 0, 0) != state(ROW_ORDER, 3, 1, 0) != state(BLOCK_ORDER, 3, 1, 0)
     assert not np.array_equal(order.shard_order(1), order.block_order(1, 0))  # were equal before the tags
+
+
+def test_summary_throughput_leaves_out_the_warm_up_window(monkeypatch):
+    clock = iter([0.0,  # the attempt starts
+                  50.0,  # step 10's window ends: 40 s of compilation in it
+                  60.0, 70.0])  # steps 20 and 30 at 1 step/s
+    monkeypatch.setattr(train_loop.time, "perf_counter", lambda: next(clock))
+    meter = train_loop.Meter(global_batch=8, step=0, flops_per_sample=1.0, peak_per_device=1.0, world=1)
+    assert meter.window(10)["samples_per_second"] == pytest.approx(80 / 50)  # the chart shows the warm-up
+    assert meter.window(20)["samples_per_second"] == pytest.approx(8.0)
+    assert meter.attempt_rate(30) == pytest.approx(8.0)  # the summary does not
+
+
+def test_summary_throughput_of_a_run_shorter_than_one_window(monkeypatch):
+    clock = iter([100.0, 110.0])
+    monkeypatch.setattr(train_loop.time, "perf_counter", lambda: next(clock))
+    meter = train_loop.Meter(global_batch=8, step=4, flops_per_sample=1.0, peak_per_device=1.0, world=1)
+    assert meter.attempt_rate(9) == pytest.approx(4.0)  # (9 - 4) x 8 samples in 10 s
 
 
 def test_load_units_reads_the_planned_rows_with_reproducible_augmentation(train_data):

@@ -37,7 +37,7 @@ class TrainResult:
     steps: int
     samples_seen: int
     final_loss: float
-    samples_per_second: float  # of the last worker-group attempt, setup excluded
+    samples_per_second: float  # of the last worker-group attempt, after its first (warm-up) log window
     mlflow_run_id: str
     run_name: str
     world_size: int

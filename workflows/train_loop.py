@@ -184,6 +184,7 @@ class Meter:
         self.attempt_start = self.start = time.perf_counter()
         self.attempt_step = self.first_step = step
         self.data_wait = 0.0
+        self.steady: tuple[float, int] | None = None  # (time, step) at the end of the attempt's first window
 
     def timed(self, batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         it = iter(batches)
@@ -203,11 +204,15 @@ class Meter:
         out = {"samples_per_second": rate, "mfu": mfu(self.flops, rate, self.peak, self.world),
                "data_wait_fraction": self.data_wait / elapsed}
         self.start, self.first_step, self.data_wait = now, step, 0.0
+        self.steady = self.steady or (now, step)
         return out
 
     def attempt_rate(self, step: int) -> float:
-        """Samples/s since this worker group started (setup excluded): the run's summary figure."""
-        return (step - self.attempt_step) * self.global_batch / (time.perf_counter() - self.attempt_start)
+        """Samples/s of this worker group after its first logging window, which holds the warm-up
+        (compilation, the data pipeline's start); over the whole attempt if that is all there was.
+        The run's summary figure."""
+        since, first = self.steady if self.steady and step > self.steady[1] else (self.attempt_start, self.attempt_step)
+        return (step - first) * self.global_batch / (time.perf_counter() - since)
 
 
 def restore(raw: CLIP, cfg: Config) -> tuple[dict[str, Any], dict[str, Any] | None]:
