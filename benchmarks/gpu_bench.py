@@ -224,8 +224,7 @@ def bf16_autocast(device: torch.device) -> torch.autocast:
 def clipflow_step(name: str, images: torch.Tensor, tokens: torch.Tensor, args: argparse.Namespace,
                   device: torch.device) -> Step:
     raw = build_clipflow_model(name, args, device)
-    if args.channels_last and use_channels_last(raw):
-        images = images.contiguous(memory_format=torch.channels_last)  # normalize() keeps the layout
+    channels_last = args.channels_last and use_channels_last(raw)  # the images convert in each step, as in training
     optimizer = adamw(raw, args.fused_adamw)
     scheduler = scheduler_for(optimizer, args)
     model, loss_fn = compile_for_training(raw, ClipLoss(), args.compile, args.compile_mode, args.compile_backend)
@@ -233,7 +232,7 @@ def clipflow_step(name: str, images: torch.Tensor, tokens: torch.Tensor, args: a
     cudagraphs = uses_cudagraphs(args.compile, args.compile_mode)
     # one micro-batch and no gradient clipping: the trainer's defaults
     return lambda: optimizer_step(model, raw, loss_fn, optimizer, scheduler, images, tokens, 1, autocast, 0.0,
-                                  cudagraphs)
+                                  cudagraphs, channels_last)
 
 
 def openclip_step(name: str, images: torch.Tensor, tokens: torch.Tensor, args: argparse.Namespace,

@@ -51,10 +51,8 @@ def measure(batches: Iterator[dict], steps: int, cfg, setup, device) -> dict[str
         batch = next(batches)
         wait += time.perf_counter() - t
         images, tokens = to_device(batch, device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         loss = optimizer_step(step_model, model, loss_fn, optimizer, scheduler, images, tokens, plan.accum_steps,
-                              autocast, cfg.train.grad_clip_norm, cudagraphs)
+                              autocast, cfg.train.grad_clip_norm, cudagraphs, channels_last)
     loss.item()  # wait for the device
     elapsed = time.perf_counter() - start
     return {"samples_per_second": steps * plan.global_batch / elapsed, "data_wait": wait / elapsed}

@@ -36,13 +36,12 @@ def _losses(name: str, scope: str, backend: str = "inductor", channels_last: boo
     torch.manual_seed(0)
     raw = create_model(name)
     images, tokens = _batch(raw)
-    if channels_last and use_channels_last(raw):
-        images = images.contiguous(memory_format=torch.channels_last)
+    channels_last = channels_last and use_channels_last(raw)
     optimizer = build_optimizer(raw, TrainConfig())
     scheduler = build_scheduler(optimizer, 1, 10)
     model, loss_fn = compile_for_training(raw, ClipLoss(), scope, "default", backend)
     losses = [optimizer_step(model, raw, loss_fn, optimizer, scheduler, images, tokens, accum, contextlib.nullcontext(),
-                             1.0).item() for accum in (1, 1, 2)]
+                             1.0, channels_last=channels_last).item() for accum in (1, 1, 2)]
     return losses, raw
 
 

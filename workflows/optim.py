@@ -63,14 +63,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int,
 def optimizer_step(model: nn.Module, raw: CLIP, loss_fn: LossFn, optimizer: torch.optim.Optimizer,
                    scheduler: torch.optim.lr_scheduler.LRScheduler, images: torch.Tensor, tokens: torch.Tensor,
                    accum_steps: int, autocast: contextlib.AbstractContextManager, grad_clip_norm: float,
-                   cudagraphs: bool = False) -> torch.Tensor:
+                   cudagraphs: bool = False, channels_last: bool = False) -> torch.Tensor:
     """One optimizer step on this rank's per-step batch (uint8 images on the device); returns the loss.
 
     ``model`` is what to call (DDP and/or compiled), ``raw`` the bare CLIP underneath. No host sync:
-    the loss stays on the device until the caller reads it. ``cudagraphs``: the model was compiled
-    with CUDA graphs, whose replays must be told where a step begins (``acceleration``)."""
+    the loss stays on the device until the caller reads it. The levers of ``acceleration``:
+    ``cudagraphs``, the model was compiled with CUDA graphs, whose replays must be told where a step
+    begins; ``channels_last``, its image tower is NHWC, so the uint8 images are converted (the
+    cheapest copy: one byte a value, and ``normalize`` keeps the layout)."""
     if cudagraphs:
         torch.compiler.cudagraph_mark_step_begin()
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     temperature = [p for p in (raw.logit_scale, raw.logit_bias) if p is not None]
     loss = accumulate_gradients(model, loss_fn, normalize(images), tokens, accum_steps, autocast, temperature)
     if grad_clip_norm:

@@ -30,9 +30,9 @@ from clip_core import ClipLoss, SigLipLoss, Tokenizer, create_model, load_checkp
 from clip_core import save_checkpoint
 from clip_core.model import CLIP
 from workflows import storage
+from workflows.acceleration import compile_for_training, use_channels_last, uses_cudagraphs
 from workflows.accumulation import plan_batches
 from workflows.config import Config
-from workflows.acceleration import compile_for_training, use_channels_last, uses_cudagraphs
 from workflows.optim import build_optimizer, build_scheduler, optimizer_step
 from workflows.throughput import mfu, peak_flops, peak_memory_bytes
 from workflows.tracking import Tracker
@@ -275,10 +275,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                     augment=cfg.train.augment, endpoint=cfg.storage.s3_endpoint)
             for batch in itertools.islice(meter.timed(batches), steps_left):
                 images, tokens = to_device(batch, device)
-                if channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
                 loss = optimizer_step(model, raw, loss_fn, optimizer, scheduler, images, tokens, plan.accum_steps,
-                                      autocast, cfg.train.grad_clip_norm, cudagraphs)
+                                      autocast, cfg.train.grad_clip_norm, cudagraphs, channels_last)
                 step += 1
                 if debug.ledger_dir:
                     _append_ledger(debug, rank, world, epoch, step, batch["key"])
