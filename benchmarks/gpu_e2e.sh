@@ -2,6 +2,7 @@
 # End-to-end data feed on one GPU (issue 8): does Ray Data keep the real trainer fed?
 #
 #   sample data (JPEGs at RAW px) -> clipflow preprocess (Parquet at SIZE px) ->
+#   benchmarks/feed_bench.py (the feed's CPU cost per core, crops on CPU vs on the GPU) ->
 #   benchmarks/train_bench.py (Ray Data feed vs synthetic batches, same process, same model) ->
 #   clipflow train on the GPU (Ray Train, 1 worker): samples/s and data-wait per log step, in the log
 #   and in the MLflow run.
@@ -19,6 +20,7 @@ RAW=${RAW:-256}                # sample JPEG side: bigger than SIZE, so preproce
 SIZE=${SIZE:-224}              # training resolution
 STEPS=${STEPS:-30}             # timed steps per train_bench measurement; the train run does 2x
 COMPILE=${COMPILE:-regional}   # model.compile
+AUGMENT_ON=${AUGMENT_ON:-device}  # train.augment_on: where the random crops are cut
 USE_GPU=${USE_GPU:-true}
 HOME_DIR=${HOME_DIR:-/tmp/clipflow-e2e}
 OUT=${OUT:-$HOME_DIR/out}
@@ -26,7 +28,7 @@ CLIPFLOW=${CLIPFLOW:-clipflow}
 
 mkdir -p "$OUT"
 common=(--set "home=$HOME_DIR" --set "model.name=$MODEL" --set "model.compile=$COMPILE"
-        --set "train.global_batch_size=$BATCH" --set tokenizer.context_length=77
+        --set "train.global_batch_size=$BATCH" --set "train.augment_on=$AUGMENT_ON" --set tokenizer.context_length=77
         --set "preprocess.image_size=$SIZE")
 stage() { echo "[gpu_e2e] $(date +%T) $*"; }
 
@@ -37,7 +39,10 @@ $CLIPFLOW sample-data "${common[@]}" --set "sample_data.train_samples=$SAMPLES" 
 stage "preprocess to $SIZE px"
 $CLIPFLOW preprocess "${common[@]}" | tee "$OUT/preprocess.log"
 
-stage "train_bench: $MODEL, batch $BATCH, compile $COMPILE, $STEPS steps x 3"
+stage "feed_bench: crops on CPU vs on the device, $SIZE px"
+python3 benchmarks/feed_bench.py --samples 2048 --size "$SIZE" --batch "$BATCH" --repeats 2 | tee "$OUT/feed_bench.log"
+
+stage "train_bench: $MODEL, batch $BATCH, compile $COMPILE, crops on $AUGMENT_ON, $STEPS steps x 3"
 python3 benchmarks/train_bench.py "${common[@]}" --steps "$STEPS" | tee "$OUT/train_bench.log"
 
 stage "clipflow train on Ray Train (1 worker, use_gpu=$USE_GPU), $((2 * STEPS)) steps"

@@ -28,7 +28,7 @@ from workflows.local_services import ensure_ray
 from workflows.optim import build_optimizer, build_scheduler, optimizer_step
 from workflows.pretrain import prepare_run
 from workflows.throughput import mfu, peak_flops
-from workflows.train_data import epoch_batches
+from workflows.train_data import augmentation, epoch_batches
 from workflows.train_loop import TrainDebug, autocast_for, build_model, make_loss, to_device
 
 
@@ -72,8 +72,8 @@ def main() -> None:
 
     def real() -> Iterator[dict]:
         for epoch in itertools.count():
-            yield from epoch_batches(order, epoch, 0, 0, 1, image_size=setup.image_size, augment=cfg.train.augment,
-                                     endpoint=cfg.storage.s3_endpoint)
+            yield from epoch_batches(order, epoch, 0, 0, 1, image_size=setup.image_size,
+                                     augment=augmentation(cfg.train), endpoint=cfg.storage.s3_endpoint)
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(1, setup.tokenizer.vocab_size - 1, (g, setup.context_length))

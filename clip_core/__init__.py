@@ -11,7 +11,8 @@ from clip_core.model import (CLIP, CLIPConfig, create_model, create_model_from_c
                              load_openai_state_dict, model_flops_per_sample)
 from clip_core.tokenizer import Tokenizer
 from clip_core.transforms import (OPENAI_MEAN, OPENAI_STD, ImageDecodeError, decode_image, normalize,
-                                  random_resized_crop, resize_center_crop, resize_keep_aspect, to_uint8_chw)
+                                  random_resized_crop, random_resized_crop_box, resize_center_crop,
+                                  resize_keep_aspect, resized_crops, to_uint8_chw)
 from clip_core.zero_shot import build_zero_shot_classifier, classification_metrics, load_templates, retrieval_metrics
 
 __all__ = [
@@ -19,5 +20,6 @@ __all__ = [
     "OPENAI_STD", "SigLipLoss", "Tokenizer", "build_zero_shot_classifier", "classification_metrics",
     "create_model", "create_model_from_config", "decode_image", "list_models", "load_checkpoint",
     "load_openai_state_dict", "load_templates", "model_flops_per_sample", "normalize", "random_resized_crop",
-    "resize_center_crop", "resize_keep_aspect", "retrieval_metrics", "save_checkpoint", "to_uint8_chw",
+    "random_resized_crop_box", "resize_center_crop", "resize_keep_aspect", "resized_crops", "retrieval_metrics",
+    "save_checkpoint", "to_uint8_chw",
 ]

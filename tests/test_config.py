@@ -40,6 +40,8 @@ def test_float_written_without_dot_is_accepted() -> None:
         ("trian.lr=1", "did you mean 'train'"),
         ("train.epochs=three", "train.epochs: expected an integer"),
         ("train.precision=fp16", "not one of ['auto', 'fp32', 'bf16']"),
+        ("train.augment_on=gpu", "not one of ['cpu', 'device']"),
+        ("train.gpu_decode=true", "unknown config key 'train.gpu_decode'"),  # the old placeholder: now augment_on
         ("scaling.use_gpu=1", "expected true or false"),
         ("train=3", "train: expected a mapping"),
         ("noequals", "expects key=value"),

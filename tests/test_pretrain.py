@@ -5,9 +5,11 @@ and an S3 run with feature-cached accumulation resumed at another world size wit
 from __future__ import annotations
 
 import collections
+import importlib.util
 import io
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +26,8 @@ from workflows.config import load_config
 from workflows.errors import UserError
 from workflows.pretrain import prepare_run, run_training
 from workflows.tracking import tracking_uri
-from workflows.train_data import BLOCK_ORDER, ROW_ORDER, DataOrder, Shard, load_units, seeded
-from workflows.train_loop import TrainDebug, build_model
+from workflows.train_data import BLOCK_ORDER, ROW_ORDER, DataOrder, Shard, _padded, load_units, seeded
+from workflows.train_loop import TrainDebug, build_model, to_device
 
 from tiny_data import COLORS, CONTEXT, ROWS, SHARDS, SIZE, shape_jpeg
 
@@ -146,7 +148,7 @@ def test_load_units_reads_the_planned_rows_with_reproducible_augmentation(train_
     batch = {k: np.array([u[k] for u in units]) for k in ("epoch", "shard", "block")}
     batch["take"] = np.empty(len(units), dtype=object)  # Ray Data's form of a ragged list column
     batch["take"][:] = [np.array(u["take"]) for u in units]
-    out = load_units(batch, order=order, image_size=SIZE, augment=True, endpoint="")
+    out = load_units(batch, order=order, image_size=SIZE, augment="cpu", endpoint="")
     expected = []
     for u in units:
         table = pq.read_table(train_data / f"shard-{u['shard']:05d}.parquet")
@@ -154,8 +156,42 @@ def test_load_units_reads_the_planned_rows_with_reproducible_augmentation(train_
     assert list(out["key"]) == expected and len(expected) == sum(len(u["take"]) for u in units)
     assert out["image"].shape == (len(expected), 3, SIZE, SIZE) and out["image"].dtype == np.uint8
     assert out["tokens"].shape == (len(expected), CONTEXT) and out["tokens"].dtype == np.int64
-    again = load_units(batch, order=order, image_size=SIZE, augment=True, endpoint="")
+    assert "box" not in out
+    again = load_units(batch, order=order, image_size=SIZE, augment="cpu", endpoint="")
     np.testing.assert_array_equal(again["image"], out["image"])
+
+    # augment_on=device: the task ships the decoded image and the same seeded box; the trainer's crop
+    # (to_device) gives the CPU path's pixels, to within one level of rounding.
+    device = load_units(batch, order=order, image_size=SIZE, augment="device", endpoint="")
+    assert list(device["key"]) == expected and np.array_equal(device["tokens"], out["tokens"])
+    assert device["box"].shape == (len(expected), 4) and (device["box"][:, 2:] < SIZE).any()  # real crops
+    images, _ = to_device(device, torch.device("cpu"))
+    assert images.shape == out["image"].shape and images.dtype == torch.uint8
+    assert np.abs(images.numpy().astype(int) - out["image"].astype(int)).max() <= 1
+    plain = load_units(batch, order=order, image_size=SIZE, augment="none", endpoint="")
+    assert not np.array_equal(plain["image"], out["image"])  # no augmentation: the stored (centre) image
+
+
+@pytest.mark.timeout(120)
+def test_feed_bench_smoke_runs_both_crop_modes(ray_runtime, capsys, monkeypatch):
+    """benchmarks/feed_bench.py is run on GPU machines whose time is scarce: keep it runnable."""
+    script = Path(__file__).parent.parent / "benchmarks" / "feed_bench.py"
+    spec = importlib.util.spec_from_file_location("feed_bench", script)
+    feed_bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "feed_bench", feed_bench)
+    spec.loader.exec_module(feed_bench)
+    result = feed_bench.main(["--samples", "96", "--size", "32", "--batch", "16", "--repeats", "1"])
+    assert set(result["per_core"]) == set(result["feed"]) == {"cpu", "device"}
+    assert all(rate > 0 for part in result.values() for rate in part.values())
+    assert "device/cpu:" in capsys.readouterr().out
+
+
+def test_device_crop_pads_keep_aspect_images_and_refuses_oversized_ones():
+    wide = np.full((3, 10, 20), 7, dtype=np.uint8)  # preprocess.resize_mode=keep_aspect stores such shapes
+    canvas = _padded(wide, 24)
+    assert canvas.shape == (3, 24, 24) and (canvas[:, :10, :20] == 7).all() and canvas.sum() == wide.sum()
+    with pytest.raises(ValueError, match="exceeds the data's 16 px; re-run `clipflow preprocess`"):
+        _padded(wide, 16)
 
 
 # ---- integration on a local Ray cluster ----------------------------------------------------------------
@@ -266,7 +302,8 @@ def test_s3_checkpoints_and_resume_at_another_world_size(ray_runtime, s3_server,
     second = run_training(
         _cfg(data, tmp_path, *common, "train.max_steps=10", f"train.resume_from={first.checkpoint_uri}",
              "scaling.min_workers=1", "scaling.max_workers=1",
-             "model.compile=regional"),  # a checkpoint of an eager run resumes compiled: same state dict
+             "model.compile=regional",  # a checkpoint of an eager run resumes compiled: same state dict
+             "train.augment_on=device"),  # the same seeded crops, cut by the trainer: the same samples per step
         TrainDebug(ledger_dir=str(ledger_dir)))
     assert (second.steps, second.samples_seen, second.world_size) == (10, 160, 1)
     assert second.final_loss < 0.8 * math.log(16)  # below chance for a batch of 16 pairs

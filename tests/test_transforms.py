@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from clip_core.transforms import (OPENAI_MEAN, OPENAI_STD, ImageDecodeError, decode_image, normalize,
-                                  random_resized_crop, resize_center_crop, resize_keep_aspect, to_uint8_chw)
+                                  random_resized_crop, random_resized_crop_box, resize_center_crop,
+                                  resize_keep_aspect, resized_crops, to_uint8_chw)
 
 
 def _smooth_image(width: int, height: int) -> Image.Image:
@@ -134,6 +135,51 @@ def test_random_resized_crop_sampling():
     np.testing.assert_array_equal(
         np.asarray(random_resized_crop(square, 32, np.random.default_rng(0), scale=(1, 1), ratio=(1, 1))),
         np.asarray(square.resize((32, 32), Image.Resampling.BICUBIC)))
+
+
+def _photo(width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    """Smooth colour blobs plus sensor-like noise: JPEG-photo statistics, with some clipped highlights."""
+    blobs = rng.integers(0, 256, size=(height // 8 + 2, width // 8 + 2, 3)).astype(np.uint8)
+    base = np.asarray(Image.fromarray(blobs).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float64)
+    return Image.fromarray(np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("scale", [(0.9, 1.0), (0.08, 1.0)])
+def test_resized_crops_on_a_batch_match_pil(scale):
+    """The device path (``train.augment_on=device``) against the CPU path, image by image: same box from
+    the same seed, same pixels up to PIL's fixed-point rounding. Stored training images are never larger
+    than the training size, so the crop is always enlarged (or kept); padding outside the stored image
+    must never leak in."""
+    rng, size = np.random.default_rng(0), 48
+    padded, boxes, expected = [], [], []
+    for i in range(24):
+        width, height = (size, size) if i % 3 == 0 else (int(rng.integers(16, size + 1)), int(rng.integers(16, size + 1)))
+        img = _photo(width, height, rng)
+        expected.append(to_uint8_chw(random_resized_crop(img, size, np.random.default_rng(i), scale=scale)))
+        boxes.append(random_resized_crop_box(width, height, np.random.default_rng(i), scale=scale))
+        canvas = np.full((3, size, size), 255, dtype=np.uint8)  # white padding: any leak shows
+        canvas[:, :height, :width] = to_uint8_chw(img)
+        padded.append(canvas)
+    out = resized_crops(torch.from_numpy(np.stack(padded)), torch.tensor(boxes), size)
+    assert out.shape == (24, 3, size, size) and out.dtype == torch.uint8
+    diff = np.abs(out.numpy().astype(int) - np.stack(expected).astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
+def test_resized_crops_shrinking_and_identity():
+    """General boxes: shrinking uses PIL's widened (antialiasing) kernel; a box of the output size is a copy.
+    Since Pillow 13, PIL runs the vertical pass first when the height shrinks much more than the width
+    (the last box), so its rounding differs there; elsewhere both run the horizontal pass first."""
+    rng = np.random.default_rng(1)
+    img = _photo(90, 70, rng)
+    boxes = [(0, 0, 90, 70), (10, 5, 64, 60), (3, 4, 32, 32), (20, 0, 40, 70)]
+    expected = [to_uint8_chw(img.crop((x, y, x + w, y + h)).resize((32, 32), Image.Resampling.BICUBIC))
+                for x, y, w, h in boxes]
+    batch = torch.from_numpy(np.stack([to_uint8_chw(img)] * len(boxes)))
+    out = resized_crops(batch, torch.tensor(boxes), 32).numpy()
+    diff = np.abs(out.astype(int) - np.stack(expected).astype(int))
+    assert diff.max() <= 2 and diff[:3].mean() < 0.01, (diff.max(), diff.mean())
+    np.testing.assert_array_equal(out[2], to_uint8_chw(img)[:, 4:36, 3:35])  # 32x32 box -> 32 px: a copy
 
 
 def test_to_uint8_chw():

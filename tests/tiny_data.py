@@ -22,11 +22,12 @@ ROWS, SHARDS, CONTEXT, SIZE = 32, 3, 16, 32
 
 
 def shape_jpeg(color: tuple[int, int, int], shape: str, rng: np.random.Generator) -> bytes:
-    pixels = np.full((40, 40, 3), 128, np.uint8) + rng.integers(-20, 20, (40, 40, 3)).astype(np.uint8)
+    """A SIZE-px JPEG, as `clipflow preprocess` stores them (the manifest's image_size is the stored size)."""
+    pixels = np.full((SIZE, SIZE, 3), 128, np.uint8) + rng.integers(-20, 20, (SIZE, SIZE, 3)).astype(np.uint8)
     if shape == "square":
-        pixels[8:32, 8:32] = color
+        pixels[6:26, 6:26] = color
     else:
-        pixels[:, 14:26] = color
+        pixels[:, 11:21] = color
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="JPEG", quality=90)
     return out.getvalue()

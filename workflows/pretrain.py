@@ -130,9 +130,6 @@ def prepare_run(cfg: Config, debug: TrainDebug) -> RunSetup:
             raise UserError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if cfg.mlflow.publish_every < 1:
         raise UserError(f"mlflow.publish_every must be >= 1, got {cfg.mlflow.publish_every}")
-    if t.gpu_decode:
-        raise UserError("train.gpu_decode needs torchvision's nvjpeg decoder, which clipflow does not install; "
-                        "set train.gpu_decode=false (Ray Data decodes on CPU nodes)")
     if t.zero_shot_every:
         if not cfg.eval.zeroshot:
             raise UserError("train.zero_shot_every needs eval.zeroshot (ImageFolder sets); set them or set it to 0")

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from clip_core import ClipLoss, SigLipLoss, Tokenizer, create_model, load_checkpoint, model_flops_per_sample
-from clip_core import save_checkpoint
+from clip_core import resized_crops, save_checkpoint
 from clip_core.model import CLIP
 from workflows import storage
 from workflows.acceleration import compile_for_training, use_channels_last, uses_cudagraphs
@@ -36,7 +36,7 @@ from workflows.config import Config
 from workflows.optim import build_optimizer, build_scheduler, optimizer_step
 from workflows.throughput import mfu, peak_flops, peak_memory_bytes
 from workflows.tracking import Tracker
-from workflows.train_data import DataOrder, epoch_batches
+from workflows.train_data import DataOrder, augmentation, epoch_batches
 
 SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # Zhai et al., 2023: t' = log 10, b = -10
 SIGLIP_INIT_LOGIT_BIAS = -10.0
@@ -107,11 +107,15 @@ def autocast_for(cfg: Config, device: torch.device) -> contextlib.AbstractContex
 
 def to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A feed batch's uint8 images and int64 tokens on ``device``, without a host copy: Ray hands out
-    read-only views of its object store, which are only read here (normalising makes a new tensor)."""
+    read-only views of its object store, which are only read here (normalising makes a new tensor).
+    A batch with crop boxes (``train.augment_on=device``) is cropped and resized here, on the device."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         images, tokens = torch.from_numpy(batch["image"]), torch.from_numpy(batch["tokens"])
-    return images.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+    images = images.to(device, non_blocking=True)
+    if "box" in batch:
+        images = resized_crops(images, torch.from_numpy(batch["box"]).to(device), images.shape[-1])
+    return images, tokens.to(device, non_blocking=True)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
@@ -262,7 +266,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         print(f"[train] {setup.run_name}: world {world}, per-worker batch {plan.per_worker} = {plan.accum_steps} x "
               f"{plan.micro_batch}, steps {step}->{total_steps}" + (" (resumed)" if step else "")
               + (f", compile {cfg.model.compile}/{cfg.model.compile_mode}" if cfg.model.compile != "none" else "")
-              + (", channels_last" if channels_last else ""), flush=True)
+              + (", channels_last" if channels_last else "")
+              + (", crops on the device" if augmentation(cfg.train) == "device" else ""), flush=True)
     meter = Meter(plan.global_batch, step, model_flops_per_sample(raw.config),
                   peak_flops(device, cfg.train.peak_flops) if rank == 0 else 0.0, world)
     loss = torch.zeros(())
@@ -272,7 +277,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch, done = divmod(step, order.steps_per_epoch)
             steps_left = min(total_steps, (epoch + 1) * order.steps_per_epoch) - step
             batches = epoch_batches(order, epoch, done, rank, world, image_size=setup.image_size,
-                                    augment=cfg.train.augment, endpoint=cfg.storage.s3_endpoint)
+                                    augment=augmentation(cfg.train), endpoint=cfg.storage.s3_endpoint)
             for batch in itertools.islice(meter.timed(batches), steps_left):
                 images, tokens = to_device(batch, device)
                 loss = optimizer_step(model, raw, loss_fn, optimizer, scheduler, images, tokens, plan.accum_steps,
