@@ -7,8 +7,8 @@ the whole global batch. Gradient bookkeeping (why ``gather_with_grad`` matters):
 - DDP averages parameter gradients over ranks, so the objective it optimises is the MEAN of the
   per-rank losses. For that mean to equal the single-process loss on the concatenated batch, the
   gradient that rank s's loss sends to rank r's features must reach rank r.
-- ``gather_with_grad=True`` gathers with ``torch.distributed.nn.functional.all_gather``, whose
-  backward sums every rank's gradient for a slice back onto the rank that owns it. Exact.
+- ``gather_with_grad=True`` gathers with an all-gather whose backward is a reduce-scatter: it sums
+  every rank's gradient for a slice back onto the rank that owns it. Exact.
 - ``gather_with_grad=False`` gathers without autograd and puts the local tensor back in its slot, so
   only this rank's own loss reaches its features: with ``local_loss=False`` (every rank computes the
   full loss) the resulting step is the exact gradient divided by world_size (OpenCLIP's default;
@@ -23,9 +23,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_autograd
 import torch.nn as nn
 import torch.nn.functional as F
+
+# torch 2.13 renames the single-tensor collectives (the old names warn there); older GPU images have
+# only the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -38,6 +42,23 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     return rank, world_size
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All ranks' ``features`` concatenated in rank order. Backward: every rank's loss has a gradient
+    for every slice, so each rank receives the sum over ranks of the gradient for its own slice."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor) -> torch.Tensor:
+        gathered = features.new_empty((dist.get_world_size() * features.shape[0], *features.shape[1:]))
+        _all_gather_single(gathered, features.contiguous())
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        local = grad.new_empty((grad.shape[0] // dist.get_world_size(), *grad.shape[1:]))
+        _reduce_scatter_single(local, grad.contiguous())  # sum
+        return local
+
+
 def all_gather_features(features: torch.Tensor, rank: int, world_size: int, *, with_grad: bool,
                         keep_local_grad: bool = True) -> torch.Tensor:
     """Concatenate ``features`` from all ranks along dim 0, in rank order.
@@ -47,7 +68,7 @@ def all_gather_features(features: torch.Tensor, rank: int, world_size: int, *, w
     its slot so at least this rank's own loss reaches its features.
     """
     if with_grad:
-        return torch.cat(dist_autograd.all_gather(features), dim=0)
+        return _GatherWithGrad.apply(features)
     gathered = [torch.empty_like(features) for _ in range(world_size)]
     with torch.no_grad():
         dist.all_gather(gathered, features.contiguous())

@@ -20,7 +20,7 @@ from typing import Iterator
 
 import pytest
 
-from workflows.local_services import LocalMlflowServer, free_port, wait_http
+from workflows.local_services import LocalMlflowServer, free_port, local_dashboard, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -57,7 +57,7 @@ def train_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ray_runtime() -> Iterator[None]:
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True,
+    ray.init(num_cpus=4, **local_dashboard(), log_to_driver=True,
              runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}})
     try:
         yield None

@@ -27,10 +27,11 @@ def _digests(root: Path) -> dict[str, str]:
 
 def test_layout_and_determinism(tmp_path: Path) -> None:
     summary = generate_sample_data(_small(tmp_path / "a"))
-    generate_sample_data(_small(tmp_path / "b"))
+    assert summary["workers"] == 1  # a small set renders in this process
+    generate_sample_data(_small(tmp_path / "b", workers=2))
     generate_sample_data(_small(tmp_path / "c", seed=1))
     a, b, c = (_digests(tmp_path / n) for n in "abc")
-    assert a == b  # same seed -> byte-identical files
+    assert a == b  # same seed -> byte-identical files, whichever process renders which sample
     assert a.keys() == c.keys() and a != c  # another seed -> other content, same layout
 
     root = tmp_path / "a"
@@ -76,6 +77,8 @@ def test_bad_samples_are_there(tmp_path: Path) -> None:
 def test_invalid_config_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="train_shards"):
         generate_sample_data(SampleDataConfig(output=str(tmp_path), train_samples=2, train_shards=3))
+    with pytest.raises(ConfigError, match="workers=-1 must be >= 0"):
+        generate_sample_data(SampleDataConfig(output=str(tmp_path), workers=-1))
 
 
 def test_captions_support_the_default_vocabulary() -> None:

@@ -46,6 +46,7 @@ class SampleDataConfig:
     bad_samples: bool = True  # corrupt JPEG, empty caption, truncated tar member, ...
     # held-out zero-shot classes: the 8 colours (learnt in minutes on a CPU) or the 8 shapes (harder)
     zeroshot_task: Literal["color", "shape"] = "color"
+    workers: int = 0  # rendering processes; 0 = one per CPU core (one per 500 images, at least 1)
 
 
 @dataclass
@@ -116,7 +117,7 @@ class TrainConfig:
     gather_with_grad: bool = True
     augment: bool = True  # random resized crop on the training images
     # Where that crop runs: "cpu" in the Ray Data tasks; "device" on the training GPU (the tasks only
-    # decode, about 3x less CPU per sample; for GPU training, where CPU decoding is the bottleneck).
+    # decode: about half the CPU per sample, benchmarks/feed_bench.py). For GPU training only.
     augment_on: Literal["cpu", "device"] = "cpu"
     seed: int = 0
     log_every: int = 5

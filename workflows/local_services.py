@@ -102,7 +102,9 @@ def ensure_ray() -> None:
     """Connect to the cluster in ``$RAY_ADDRESS`` or an existing runtime, else start a local one.
 
     A local runtime gets at least 4 logical CPUs: on a 2-core machine two Train workers plus Ray
-    Data's map tasks otherwise deadlock waiting for CPU slots.
+    Data's map tasks otherwise deadlock waiting for CPU slots. It runs the dashboard (on a free
+    loopback port; ``ray.init`` logs its URL): Ray Train's placement-group cleaner asks the state
+    API behind it whether the run's controller is alive, and without it warns every few seconds.
     """
     import ray
 
@@ -111,4 +113,9 @@ def ensure_ray() -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), **local_dashboard())
+
+
+def local_dashboard() -> dict[str, object]:
+    """``ray.init`` options for a local runtime's dashboard (see ``ensure_ray``)."""
+    return {"include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port()}

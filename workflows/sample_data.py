@@ -4,8 +4,9 @@ Each image is one shape (8 kinds) in one colour (8 hues) with a random size, pos
 rotation on a plain, lightly noisy background; its caption comes from varied templates naming the
 colour and shape and, often, the size, position or background ("small blue star near the top left").
 A tiny CLIP learns the colour/shape words from it in minutes on a CPU, so zero-shot accuracy on the
-held-out set is far above chance. Same seed => byte-identical files (fixed tar metadata, sorted
-members, deterministic JPEG encoding).
+held-out set is far above chance. Same seed => byte-identical files, with any number of rendering
+processes (each sample has its own random stream; fixed tar metadata, sorted members, deterministic
+JPEG encoding).
 
 Layout under ``sample_data.output``:
     raw/train-00000.tar ...          webdataset shards: {key}.jpg, {key}.json, {key}.txt
@@ -20,13 +21,16 @@ image, an exact duplicate) and the last shard is cut off in the middle of its la
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
+import multiprocessing
+import os
 import tarfile
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -91,6 +95,8 @@ TAILS = ("", "", "", ", nothing else", ", centered composition", ", high contras
          ", embroidered patch", ", neon glow", ", matte finish", ", glossy surface", ", symmetrical layout")
 SUPERSAMPLE = 2  # draw at 2x and downsample: anti-aliased edges without fonts or extra libraries
 JPEG_QUALITY = 90
+# One random stream per sample and purpose (the purpose goes last and is never 0).
+TRAIN, ZEROSHOT, RETRIEVAL, DAMAGE = 1, 2, 3, 4
 # Every kind of damage put into the first shard, named by the preprocess reject reason it must produce.
 BAD_REASONS = ("image_corrupt", "image_truncated", "image_empty", "empty_caption", "invalid_utf8",
                "missing_caption", "missing_image")
@@ -115,57 +121,56 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def generate_sample_data(cfg: SampleDataConfig, endpoint: str = "") -> dict[str, Any]:
-    """Write the train shards and the held-out eval sets; returns a summary (paths, counts, expected rejects)."""
+    """Write the train shards and the held-out eval sets; returns a summary (paths, counts, expected rejects).
+    With more than one worker it spawns processes, so a script that calls it needs the usual
+    ``if __name__ == "__main__":`` guard (the ``clipflow`` command has it)."""
     _check(cfg)
     start = time.monotonic()
     endpoint = storage.s3_endpoint(endpoint)
     out = cfg.output
-    raw = storage.join(out, "raw")
-    shards = []
-    per_shard = np.array_split(np.arange(cfg.train_samples), cfg.train_shards)
-    rng = np.random.default_rng([cfg.seed, 0])
     classes = SHAPES if cfg.zeroshot_task == "shape" else tuple(COLORS)
-    total = cfg.train_samples + len(classes) * cfg.zeroshot_per_class + cfg.retrieval_samples
-    bar = tqdm(total=total, desc="sample-data: rendering", unit=" images", mininterval=1.0)
-    for shard_index, indices in enumerate(per_shard):
-        samples = []
-        for i in indices:
-            scene = random_scene(rng)
-            image = encode_jpeg(render(scene, cfg.image_size, rng))
-            samples.append((f"{int(i):08d}", image, caption(scene, rng).encode(), scene))
-            bar.update(1)
-        last = shard_index == len(per_shard) - 1
-        if cfg.bad_samples and shard_index == 0:
-            samples += _bad_samples(samples[0], rng)
-        data = _tar_bytes(samples, truncate_last=cfg.bad_samples and last)
-        uri = storage.join(raw, f"train-{shard_index:05d}.tar")
-        storage.write_bytes(uri, data, endpoint)
-        shards.append(uri)
-
-    zs_dir = storage.join(out, "eval", "zeroshot")
-    rng = np.random.default_rng([cfg.seed, 1])
     folders = sorted(c.replace(" ", "_") for c in classes)
-    for folder in folders:
-        for n in range(cfg.zeroshot_per_class):
-            scene = random_scene(rng, **{cfg.zeroshot_task: folder.replace("_", " ")})
-            storage.write_bytes(storage.join(zs_dir, folder, f"{n:04d}.jpg"),
-                                encode_jpeg(render(scene, cfg.image_size, rng)), endpoint)
-            bar.update(1)
-    storage.write_bytes(storage.join(zs_dir, "classnames.txt"),
-                        "".join(f"{f.replace('_', ' ')}\n" for f in folders).encode(), endpoint)
+    jobs = ([(cfg.seed, cfg.image_size, TRAIN, i, None) for i in range(cfg.train_samples)]
+            + [(cfg.seed, cfg.image_size, ZEROSHOT, c * cfg.zeroshot_per_class + n, (cfg.zeroshot_task, folder))
+               for c, folder in enumerate(folders) for n in range(cfg.zeroshot_per_class)]
+            + [(cfg.seed, cfg.image_size, RETRIEVAL, n, None) for n in range(cfg.retrieval_samples)])
+    workers = cfg.workers or max(1, min(os.cpu_count() or 1, len(jobs) // 500))
+    with tqdm(total=len(jobs), desc="sample-data: rendering", unit=" images", mininterval=1.0) as bar, \
+            _renderer(workers) as render_all:
+        drawn = iter(render_all(jobs))
 
-    rt_dir = storage.join(out, "eval", "retrieval")
-    rng = np.random.default_rng([cfg.seed, 2])
-    lines = []
-    for n in range(cfg.retrieval_samples):
-        scene = random_scene(rng)
-        name = f"images/{n:06d}.jpg"
-        storage.write_bytes(storage.join(rt_dir, name), encode_jpeg(render(scene, cfg.image_size, rng)), endpoint)
-        captions = [caption(scene, rng, t) for t in rng.choice(len(TEMPLATES), size=2, replace=False)]
-        lines.append(json.dumps({"image": name, "captions": captions}))
-        bar.update(1)
-    bar.close()
-    storage.write_bytes(storage.join(rt_dir, "captions.jsonl"), ("\n".join(lines) + "\n").encode(), endpoint)
+        raw, shards = storage.join(out, "raw"), []
+        per_shard = np.array_split(np.arange(cfg.train_samples), cfg.train_shards)
+        for shard_index, indices in enumerate(per_shard):
+            samples = []
+            for i in indices:
+                image, scene, captions = next(drawn)
+                samples.append((f"{int(i):08d}", image, captions[0].encode(), scene))
+                bar.update(1)
+            if cfg.bad_samples and shard_index == 0:
+                samples += _bad_samples(samples[0], np.random.default_rng([cfg.seed, 0, DAMAGE]))
+            last = shard_index == len(per_shard) - 1
+            uri = storage.join(raw, f"train-{shard_index:05d}.tar")
+            storage.write_bytes(uri, _tar_bytes(samples, truncate_last=cfg.bad_samples and last), endpoint)
+            shards.append(uri)
+
+        zs_dir = storage.join(out, "eval", "zeroshot")
+        for folder in folders:
+            for n in range(cfg.zeroshot_per_class):
+                storage.write_bytes(storage.join(zs_dir, folder, f"{n:04d}.jpg"), next(drawn)[0], endpoint)
+                bar.update(1)
+        storage.write_bytes(storage.join(zs_dir, "classnames.txt"),
+                            "".join(f"{f.replace('_', ' ')}\n" for f in folders).encode(), endpoint)
+
+        rt_dir = storage.join(out, "eval", "retrieval")
+        lines = []
+        for n in range(cfg.retrieval_samples):
+            image, _, captions = next(drawn)
+            name = f"images/{n:06d}.jpg"
+            storage.write_bytes(storage.join(rt_dir, name), image, endpoint)
+            lines.append(json.dumps({"image": name, "captions": captions}))
+            bar.update(1)
+        storage.write_bytes(storage.join(rt_dir, "captions.jsonl"), ("\n".join(lines) + "\n").encode(), endpoint)
 
     expected = {reason: 1 for reason in BAD_REASONS + ("truncated_tar",)} if cfg.bad_samples else {}
     return {
@@ -179,8 +184,40 @@ def generate_sample_data(cfg: SampleDataConfig, endpoint: str = "") -> dict[str,
         "zeroshot_images": len(folders) * cfg.zeroshot_per_class,
         "retrieval_dir": rt_dir,
         "retrieval_images": cfg.retrieval_samples,
+        "workers": workers,
         "seconds": round(time.monotonic() - start, 2),
     }
+
+
+Job = tuple[int, int, int, int, "tuple[str, str] | None"]  # seed, image size, purpose, index, fixed attribute
+
+
+def draw(job: Job) -> tuple[bytes, Scene, list[str]]:
+    """One sample from its own random stream (seed, index, purpose): the JPEG, its scene and its
+    captions (one for training, two with different templates for retrieval, none for zero-shot).
+    Independent streams make the output the same whichever process draws which sample."""
+    seed, size, purpose, index, fixed = job
+    rng = np.random.default_rng([seed, index, purpose])  # purpose last: never 0 (see train_data.seeded)
+    scene = random_scene(rng, **({fixed[0]: fixed[1].replace("_", " ")} if fixed else {}))
+    image = encode_jpeg(render(scene, size, rng))
+    if purpose == TRAIN:
+        captions = [caption(scene, rng)]
+    elif purpose == RETRIEVAL:
+        captions = [caption(scene, rng, t) for t in rng.choice(len(TEMPLATES), size=2, replace=False)]
+    else:
+        captions = []
+    return image, scene, captions
+
+
+@contextlib.contextmanager
+def _renderer(workers: int) -> Iterator[Callable[[list[Job]], Iterator[tuple[bytes, Scene, list[str]]]]]:
+    """``draw`` over jobs, in order: in this process, or in a pool of ``workers`` spawned processes
+    (spawned, not forked: the caller may hold threads, e.g. torch's or Ray's)."""
+    if workers == 1:
+        yield lambda jobs: map(draw, jobs)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield lambda jobs: pool.imap(draw, jobs, chunksize=32)
 
 
 def _check(cfg: SampleDataConfig) -> None:
@@ -191,6 +228,8 @@ def _check(cfg: SampleDataConfig) -> None:
         raise ConfigError(f"sample_data.image_size={cfg.image_size} must be >= 16")
     if cfg.zeroshot_per_class < 1 or cfg.retrieval_samples < 1:
         raise ConfigError("sample_data.zeroshot_per_class and sample_data.retrieval_samples must be >= 1")
+    if cfg.workers < 0:
+        raise ConfigError(f"sample_data.workers={cfg.workers} must be >= 0 (0 = one per CPU core)")
 
 
 # ---- scenes, captions, rendering ------------------------------------------------------------------------

@@ -27,8 +27,9 @@ regroups the rows into per-step batches and overlaps reading with training. A ra
 blocks holding its positions, each once. The pixels travel as uint8; normalisation happens on the
 device. With ``augment="device"`` the tasks only decode: each stored image travels whole (padded to
 the stored square) with its crop box, and the trainer cuts and resizes the batch on its device
-(``clip_core.resized_crops``); the box is drawn from the same stream, so both modes train the same
-crops, equal to within a level of rounding, and the decode-only tasks need about 3x less CPU. Why not ``ray.train.get_dataset_shard``: its streaming split hands blocks to whichever rank
+(``clip_core.resized_crops``). The box is drawn from the same stream, so both modes train the same
+crops (the pixels equal to within a level of rounding), and the decode-only tasks need about half
+the CPU. Why not ``ray.train.get_dataset_shard``: its streaming split hands blocks to whichever rank
 asks first, so the sample->rank->step map is not reproducible, and exact resume is impossible.
 """
 

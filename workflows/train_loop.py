@@ -105,13 +105,17 @@ def autocast_for(cfg: Config, device: torch.device) -> contextlib.AbstractContex
     return contextlib.nullcontext()
 
 
+# Ray hands out read-only views of its object store, which ``to_device`` wraps without a copy and only
+# reads; torch warns about each one. The filter is installed once: a per-call ``catch_warnings`` resets
+# every module's warning registry, so each step would repeat every other once-only warning.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A feed batch's uint8 images and int64 tokens on ``device``, without a host copy: Ray hands out
-    read-only views of its object store, which are only read here (normalising makes a new tensor).
-    A batch with crop boxes (``train.augment_on=device``) is cropped and resized here, on the device."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        images, tokens = torch.from_numpy(batch["image"]), torch.from_numpy(batch["tokens"])
+    """A feed batch's uint8 images and int64 tokens on ``device``, without a host copy (normalising
+    makes a new tensor). A batch with crop boxes (``train.augment_on=device``) is cropped and resized
+    here, on the device."""
+    images, tokens = torch.from_numpy(batch["image"]), torch.from_numpy(batch["tokens"])
     images = images.to(device, non_blocking=True)
     if "box" in batch:
         images = resized_crops(images, torch.from_numpy(batch["box"]).to(device), images.shape[-1])
