@@ -70,6 +70,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results = {f"clip-{local}-{grad}": _run(ClipLoss(local_loss=local, gather_with_grad=grad), rows, False)
                    for local, grad in CLIP_CONFIGS}
         results["siglip"] = _run(SigLipLoss(), rows, True)
+        # model.compile=full compiles the loss: the gather's autograd function must trace (aot_eager:
+        # Dynamo and AOTAutograd, without Inductor's codegen time).
+        compiled = torch.compile(ClipLoss(local_loss=True, gather_with_grad=True), backend="aot_eager")
+        results["clip-compiled"] = _run(compiled, rows, False)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
@@ -115,6 +119,11 @@ def test_clip_loss_two_processes_equal_one_process(distributed_results, local_lo
     if not local_loss:  # every rank computes the whole global loss
         for rank in distributed_results:
             torch.testing.assert_close(rank[f"clip-{local_loss}-True"]["loss"], _reference("clip")["loss"])
+
+
+@pytest.mark.timeout(120)
+def test_compiled_clip_loss_two_processes_equal_one_process(distributed_results):
+    _assert_matches_single_process(distributed_results, "clip-compiled")
 
 
 @pytest.mark.timeout(120)
