@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for m in ("cpu", "device"):
         crop_col = f"{crop:>10.0f} /s" if m == "device" else f"{'-':>12}"
         print(f"{m:<12}{core[m]:>13.0f} /s{feed[m]:>23.0f} /s{crop_col:>18}")
-    print(f"device/cpu: {core['device'] / core['cpu']:.2f}x per core, {feed['device'] / feed['cpu']:.2f}x Ray Data feed "
-          f"({os.cpu_count()} cores here)")
+    print(f"device/cpu: {core['device'] / core['cpu']:.2f}x per core, "
+          f"{feed['device'] / feed['cpu']:.2f}x Ray Data feed ({os.cpu_count()} cores here)")
     print("\nCPU cores one GPU needs to be fed (tasks' work only; Ray and Parquet overhead not included):")
     for name, rate in TARGETS.items():
         print(f"  {name:<26} {rate:>6} samples/s: cpu {rate / core['cpu']:5.1f} cores, "

@@ -153,7 +153,10 @@ def test_resized_crops_on_a_batch_match_pil(scale):
     rng, size = np.random.default_rng(0), 48
     padded, boxes, expected = [], [], []
     for i in range(24):
-        width, height = (size, size) if i % 3 == 0 else (int(rng.integers(16, size + 1)), int(rng.integers(16, size + 1)))
+        if i % 3 == 0:
+            width, height = size, size
+        else:
+            width, height = int(rng.integers(16, size + 1)), int(rng.integers(16, size + 1))
         img = _photo(width, height, rng)
         expected.append(to_uint8_chw(random_resized_crop(img, size, np.random.default_rng(i), scale=scale)))
         boxes.append(random_resized_crop_box(width, height, np.random.default_rng(i), scale=scale))
