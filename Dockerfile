@@ -17,7 +17,6 @@ COPY --chown=ray:users pyproject.toml README.md ray_cluster.yaml ./
 COPY --chown=ray:users clip_core ./clip_core
 COPY --chown=ray:users workflows ./workflows
 COPY --chown=ray:users configs ./configs
-COPY --chown=ray:users k8s/schemas ./k8s/schemas
 RUN pip freeze | grep -iE '^(torch|numpy|ray)==' > /tmp/image-constraints.txt && \
     cat /tmp/image-constraints.txt && \
     pip install --no-cache-dir -c /tmp/image-constraints.txt -e .

@@ -22,18 +22,22 @@ from workflows import k8s_render
 from workflows.cli import COMMANDS, build_parser, main
 from workflows.config import load_config
 from workflows.errors import UserError
-from workflows.manifests import (KUBERNETES_VERSION, PROJECT_ROOT, gpus_of, load_documents, manifest_files,
-                                 validate_manifest)
+from workflows.manifests import KUBERNETES_VERSION, gpus_of, load_documents, manifest_files, validate_manifest
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout these tests belong to
 K8S = PROJECT_ROOT / "k8s"
 CLUSTER = PROJECT_ROOT / "ray_cluster.yaml"
 SECRET_TEMPLATES = sorted((K8S / "secrets").glob("*.template.yaml"))
 # Under k8s/ but deliberately not applied by `kubectl apply -k k8s/`: credentials are created by hand.
-NOT_IN_KUSTOMIZATION = {p.relative_to(K8S).as_posix() for p in SECRET_TEMPLATES}
+# The operator's Helm values (README step 1): not a Kubernetes object.
+OPERATOR_VALUES = K8S / "kuberay-operator-values.yaml"
+NOT_IN_KUSTOMIZATION = {p.relative_to(K8S).as_posix() for p in [*SECRET_TEMPLATES, OPERATOR_VALUES]}
+# KubeRay 1.6 kinds whose controller the operator starts only behind a feature gate that is off by default.
+GATED_KINDS = {"RayCronJob": "RayCronJob"}
 
 
 def all_docs() -> Iterator[tuple[Path, dict[str, Any]]]:
-    for path in manifest_files():
+    for path in manifest_files(PROJECT_ROOT):
         for doc in load_documents(path):
             yield path, doc
 
@@ -76,7 +80,7 @@ def secret_refs(node: Any) -> Iterator[tuple[str, str]]:
 
 # --- every manifest is valid -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: p.relative_to(PROJECT_ROOT).as_posix())
+@pytest.mark.parametrize("path", manifest_files(PROJECT_ROOT), ids=lambda p: p.relative_to(PROJECT_ROOT).as_posix())
 def test_manifest_parses_and_validates(path: Path) -> None:
     docs = load_documents(path)
     assert docs, f"{path} has no documents"
@@ -192,6 +196,34 @@ def test_kustomization_lists_every_manifest() -> None:
     on_disk = {p.relative_to(K8S).as_posix() for p in K8S.rglob("*.yaml")} - {"kustomization.yaml"}
     assert on_disk - set(listed) == NOT_IN_KUSTOMIZATION
     assert kustomization["namespace"] == load_documents(K8S / "namespace.yaml")[0]["metadata"]["name"]
+
+
+# --- the operator runs what the manifests need ---------------------------------------------------------
+
+def helm_install_command() -> list[str]:
+    """README's `helm install kuberay-operator ...` (step 1) as argv, line continuations joined."""
+    text = (PROJECT_ROOT / "README.md").read_text().replace("\\\n", " ")
+    (line,) = [line for line in text.splitlines() if line.startswith("helm install kuberay-operator ")]
+    return shlex.split(line, comments=True)
+
+
+def test_operator_install_enables_the_feature_gates_the_manifests_need() -> None:
+    needed = {GATED_KINDS[doc["kind"]] for _, doc in all_docs() if doc["kind"] in GATED_KINDS}
+    assert needed, "no gated kind shipped: is raycronjob-eval.yaml gone?"
+    argv = helm_install_command()
+    assert not [a for a in argv if "featureGates" in a], "--set featureGates[N]... replaces the chart's whole list"
+    values_files = [argv[i + 1] for i, arg in enumerate(argv) if arg in ("-f", "--values")]
+    assert values_files == [OPERATOR_VALUES.relative_to(PROJECT_ROOT).as_posix()]
+    gates = yaml.safe_load(OPERATOR_VALUES.read_text())["featureGates"]
+    assert all(set(g) == {"name", "enabled"} and isinstance(g["enabled"], bool) for g in gates), gates
+    names = [g["name"] for g in gates]
+    assert len(names) == len(set(names))
+    enabled = {g["name"] for g in gates if g["enabled"]}
+    assert needed <= enabled, f"{OPERATOR_VALUES.name} leaves off the feature gates {sorted(needed - enabled)}"
+    # The list replaces the chart's own, so it must repeat that chart version's defaults: bumping the
+    # chart in the README without revisiting the values file fails here.
+    version = argv[argv.index("--version") + 1]
+    assert f"chart {version}" in OPERATOR_VALUES.read_text()
 
 
 # --- cross-file consistency ---------------------------------------------------------------------------

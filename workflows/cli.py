@@ -2,7 +2,10 @@
 
 Every stage module exposes ``add_arguments(parser)`` and ``main(cfg, args) -> int``; this file only
 wires them to argparse, so ``clipflow --help`` stays one line per stage and stage code stays testable
-without a subprocess.
+without a subprocess. A module that only hands the config on to a cluster (submit, k8s) sets
+``PATHS_ARE_REMOTE = True``: its relative paths mean the cluster's, so they are not resolved here.
+
+Exit codes are ``workflows.errors.EXIT_*``; a ``UserError`` is printed as one line and exits 2.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import sys
 from typing import Sequence
 
 from workflows.config import load_config
-from workflows.errors import UserError
+from workflows.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR, UserError
+from workflows.log import LEVELS, default_level, setup_logging
 
 # command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -23,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("workflows.evaluate", "zero-shot / retrieval eval of registered model versions"),
     "demo": ("workflows.demo", "run every stage locally on the sample data and print a summary"),
     "submit": ("workflows.submit", "submit a stage to a Ray cluster through the Job Submission API"),
-    "k8s": ("workflows.k8s_render", "Kubernetes helpers (`clipflow k8s render`)"),
+    "k8s": ("workflows.k8s_render", "Kubernetes helpers (`clipflow k8s render|run|status`)"),
 }
 
 
@@ -41,6 +45,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
             help="override one config value, e.g. --set train.lr=1e-3 (repeatable)",
         )
+        cmd.add_argument("--log-level", choices=LEVELS, default=default_level(),
+                         help="clipflow's log level (default: $CLIPFLOW_LOG_LEVEL, else info)")
         if name == command:
             module = importlib.import_module(module_name)
             module.add_arguments(cmd)
@@ -52,18 +58,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if a in COMMANDS), None)
     args = build_parser(command).parse_args(argv)
+    setup_logging(args.log_level)
     try:
         overrides = list(args.overrides)
         if getattr(args, "home", None):  # `clipflow demo --home DIR` is `--set home=DIR`
             overrides.append(f"home={args.home}")
-        cfg = load_config(args.config, overrides)
-        return int(args._module.main(cfg, args) or 0)
+        remote = getattr(args._module, "PATHS_ARE_REMOTE", False)
+        cfg = load_config(args.config, overrides, resolve_paths=not remote)
+        return int(args._module.main(cfg, args) or EXIT_OK)
     except UserError as exc:
         print(f"clipflow {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"clipflow {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

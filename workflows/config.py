@@ -7,12 +7,18 @@ A YAML file plus ``--set section.key=value`` overrides are merged onto the defau
 validated on load: unknown keys are errors (with the closest valid key suggested) and every value
 is checked against its field's type. ``{home}`` in any string is replaced by ``home``, so one
 config runs on a laptop (``home: .clipflow``) and on a cluster (``home: s3://bucket/clipflow``).
+
+Every local path (the fields marked ``PATH``, and a local MLflow store) is made absolute against the
+current directory once, here, on the driver: Ray Train workers and Ray Data tasks run in working
+directories of their own, where a relative path would name other files.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import posixpath
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +34,13 @@ CompileScope = Literal["none", "regional", "full"]  # see workflows/acceleration
 CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"]
 
 
+PATH = {"path": True}  # field metadata: a local path or URI, made absolute on load (see the module docstring)
+# What `clipflow eval` logs per data set (clip_core.zero_shot's names; a test keeps them equal), so a
+# config naming a metric eval cannot produce is refused on load instead of never crowning a champion.
+ZEROSHOT_METRICS = ("acc1", "acc5", "mean_per_class_recall")
+RETRIEVAL_METRICS = tuple(f"{side}_retrieval_recall@{k}" for side in ("image", "text") for k in (1, 5, 10))
+
+
 class ConfigError(UserError, ValueError):
     """A config that cannot run; the message says which key and what to do."""
 
@@ -36,7 +49,7 @@ class ConfigError(UserError, ValueError):
 class SampleDataConfig:
     """The embedded sample data set (`clipflow sample-data`)."""
 
-    output: str = "{home}/data"
+    output: str = field(default="{home}/data", metadata=PATH)
     seed: int = 0
     train_samples: int = 4000
     train_shards: int = 4
@@ -53,9 +66,9 @@ class SampleDataConfig:
 class PreprocessConfig:
     """Raw image-text shards -> training shards (Parquet + manifest.json)."""
 
-    inputs: list[str] = field(default_factory=lambda: ["{home}/data/raw/*.tar"])
+    inputs: list[str] = field(default_factory=lambda: ["{home}/data/raw/*.tar"], metadata=PATH)
     input_format: Literal["auto", "webdataset", "parquet", "csv", "jsonl"] = "auto"
-    output: str = "{home}/data/train"
+    output: str = field(default="{home}/data/train", metadata=PATH)
     image_size: int = 64
     resize_mode: Literal["center_crop", "keep_aspect"] = "center_crop"
     jpeg_quality: int = 90
@@ -74,8 +87,8 @@ class TokenizerConfig:
 
     source: Literal["train", "openai_bpe", "path"] = "train"
     vocab_size: int = 1024  # source=train: size of the vocabulary learned from the captions
-    bpe_path: str = ""  # source=openai_bpe: path to bpe_simple_vocab_16e6.txt.gz
-    path: str = ""  # source=path: a directory written by Tokenizer.save
+    bpe_path: str = field(default="", metadata=PATH)  # source=openai_bpe: path to bpe_simple_vocab_16e6.txt.gz
+    path: str = field(default="", metadata=PATH)  # source=path: a directory written by Tokenizer.save
     context_length: int = 32  # the demo's captions are short; the paper's models use 77
 
 
@@ -99,7 +112,7 @@ class ModelConfig:
 class TrainConfig:
     """The paper's optimisation recipe by default (AdamW 0.9/0.98/1e-6, wd 0.2, warmup + cosine)."""
 
-    data: str = "{home}/data/train"  # directory with the training shards and manifest.json
+    data: str = field(default="{home}/data/train", metadata=PATH)  # the training shards and manifest.json
     global_batch_size: int = 128
     micro_batch_size: int = 0  # per-worker forward batch cap; 0 = no cap (no accumulation)
     epochs: int = 6
@@ -125,7 +138,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     zero_shot_every: int = 0  # in-process zero-shot eval every N steps; 0 = off
     # Added by the training stage:
-    resume_from: str = ""  # a checkpoint directory (local or s3://) to continue from; "" = fresh run
+    # a checkpoint directory (local or s3://) to continue from; "" = fresh run
+    resume_from: str = field(default="", metadata=PATH)
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = GPU table / measured on CPU
 
 
@@ -144,7 +158,7 @@ class ScalingConfig:
 class StorageConfig:
     """Where Ray Train writes checkpoints: a local directory or s3://bucket/prefix."""
 
-    path: str = "{home}/runs"
+    path: str = field(default="{home}/runs", metadata=PATH)
     s3_endpoint: str = ""  # S3-compatible endpoint, e.g. http://127.0.0.1:9000; "" = AWS
 
 
@@ -160,11 +174,13 @@ class MlflowConfig:
 
 @dataclass
 class EvalConfig:
-    zeroshot: list[str] = field(default_factory=lambda: ["{home}/data/eval/zeroshot"])
-    retrieval: list[str] = field(default_factory=lambda: ["{home}/data/eval/retrieval"])
-    templates: str = ""  # YAML list of prompt templates; "" = clip_core's default set
+    zeroshot: list[str] = field(default_factory=lambda: ["{home}/data/eval/zeroshot"], metadata=PATH)
+    retrieval: list[str] = field(default_factory=lambda: ["{home}/data/eval/retrieval"], metadata=PATH)
+    templates: str = field(default="", metadata=PATH)  # YAML list of prompt templates; "" = clip_core's set
     batch_size: int = 128
-    primary_metric: str = "zeroshot/acc1"
+    # "<eval set>/<metric>" that decides `champion`; "" = the first zero-shot set's acc1 (without zero-shot
+    # sets: the first retrieval set's image_retrieval_recall@1). An eval set is named by its last path part.
+    primary_metric: str = ""
     lease_seconds: int = 900
     num_actors: int = 1
 
@@ -192,8 +208,10 @@ class Config:
     k8s: K8sConfig = field(default_factory=K8sConfig)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file <- ``key=value`` overrides, validated; ``{home}`` expanded."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                resolve_paths: bool = True) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, validated; ``{home}`` expanded; local paths made
+    absolute unless ``resolve_paths`` is False (commands that only pass the config on to a cluster)."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -206,8 +224,63 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for item in overrides or []:
         _apply_override(raw, item)
     cfg = _build(Config, raw, "")
+    if resolve_paths:
+        cfg.home = absolute_path(cfg.home)
     _expand_home(cfg, cfg.home)
+    if resolve_paths:
+        _absolute_paths(cfg)
+        cfg.mlflow.tracking_uri = _absolute_store_uri(cfg.mlflow.tracking_uri)
+    cfg.eval.primary_metric = _primary_metric(cfg.eval)
     return cfg
+
+
+def absolute_path(value: str) -> str:
+    """A local path made absolute against the current directory; URIs (``s3://...``) and "" unchanged."""
+    if not value or "://" in value:
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _absolute_paths(node: Any) -> None:
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _absolute_paths(value)
+        elif f.metadata.get("path"):
+            setattr(node, f.name, [absolute_path(v) for v in value] if isinstance(value, list)
+                    else absolute_path(value))
+
+
+def _absolute_store_uri(uri: str) -> str:
+    """A local MLflow store (a plain path, ``file:`` or ``sqlite:///`` relative path) made absolute."""
+    for scheme in ("sqlite:///", "file://", "file:"):
+        if uri.startswith(scheme):
+            rest = uri[len(scheme):]
+            return uri if rest.startswith("/") else scheme + absolute_path(rest)
+    return absolute_path(uri) if uri and ":" not in uri else uri
+
+
+def eval_metric_names(section: EvalConfig) -> list[str]:
+    """Every ``<set>/<metric>`` `clipflow eval` logs for these eval sets."""
+    def name(uri: str) -> str:
+        return posixpath.basename(uri.rstrip("/"))
+
+    return ([f"{name(u)}/{m}" for u in section.zeroshot for m in ZEROSHOT_METRICS]
+            + [f"{name(u)}/{m}" for u in section.retrieval for m in RETRIEVAL_METRICS])
+
+
+def _primary_metric(section: EvalConfig) -> str:
+    """The configured primary metric, else the default; refused if eval would never log it."""
+    produced = eval_metric_names(section)
+    if not section.primary_metric:
+        defaults = [m for m in produced if m.endswith(("/acc1", "/image_retrieval_recall@1"))]
+        return defaults[0] if defaults else ""
+    if section.primary_metric not in produced:
+        close = difflib.get_close_matches(section.primary_metric, produced, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"eval.primary_metric {section.primary_metric!r} is not a metric eval logs for these "
+                          f"eval sets; {hint}(valid: {', '.join(produced) or 'none: no eval sets configured'})")
+    return section.primary_metric
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

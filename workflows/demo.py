@@ -19,6 +19,9 @@ from typing import Any
 from workflows.config import Config
 from workflows.errors import UserError
 from workflows.local_services import LocalMlflowServer, ensure_ray
+from workflows.log import get_logger
+
+log = get_logger("demo")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,13 +47,13 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     start = time.monotonic()
     home = Path(cfg.home).resolve()
     home.mkdir(parents=True, exist_ok=True)
-    _banner(f"clipflow demo: home {home}")
+    log.info("clipflow demo: home %s", home)
 
     with ExitStack() as stack:
         server: LocalMlflowServer | None = None
         uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
         if not uri:
-            _stage("starting MLflow tracking server (SQLite store under home)")
+            log.info("starting MLflow tracking server (SQLite store under home)")
             server = stack.enter_context(LocalMlflowServer(home / "mlflow"))
             uri = server.uri
         cfg = replace(cfg, mlflow=replace(cfg.mlflow, tracking_uri=uri))
@@ -58,19 +61,19 @@ def run_demo(cfg: Config) -> dict[str, Any]:
 
         raw = Path(cfg.sample_data.output) / "raw"
         if any(raw.glob("*.tar")):
-            _stage(f"1/4 sample data: reusing {raw}")
+            log.info("1/4 sample data: reusing %s", raw)
         else:
-            _stage("1/4 sample data: generating")
+            log.info("1/4 sample data: generating")
             generate_sample_data(cfg.sample_data)
 
-        _stage("2/4 preprocess (Ray Data)")
+        log.info("2/4 preprocess (Ray Data)")
         manifest = run_preprocess(cfg)
 
-        _stage("3/4 train (Ray Train) + register checkpoints (MLflow)")
+        log.info("3/4 train (Ray Train) + register checkpoints (MLflow)")
         train = run_training(cfg)
         run_url = _run_url(uri, train.mlflow_run_id)  # asks the server, which stops with this block
 
-        _stage("4/4 eval pending model versions")
+        log.info("4/4 eval pending model versions")
         evals = run_eval(cfg, pending=True)
         champion = _champion(uri, cfg.mlflow.registered_model)
 
@@ -137,14 +140,6 @@ def _champion(uri: str, name: str) -> str | None:
     from workflows import registry
 
     return registry.registered_model(mlflow.MlflowClient(uri), name).aliases.get(registry.CHAMPION_ALIAS)
-
-
-def _banner(text: str) -> None:
-    print(f"\n=== {text} ===", flush=True)
-
-
-def _stage(text: str) -> None:
-    print(f"\n--- {text}", flush=True)
 
 
 def print_summary(s: dict[str, Any]) -> None:

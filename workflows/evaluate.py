@@ -39,12 +39,13 @@ from clip_core import (CLIP, CheckpointError, ImageDecodeError, Tokenizer, build
                        classification_metrics, load_checkpoint, load_templates, retrieval_metrics)
 from workflows import registry, storage
 from workflows.config import Config
-from workflows.errors import UserError
+from workflows.errors import EXIT_FAILED, EXIT_OK, UserError
+from workflows.log import get_logger
 from workflows.serving import embed_images, embed_texts, images_to_tensor, model_image_size
 from workflows.tokenizer_io import load_tokenizer
 from workflows.tracking import get_or_create_experiment, mlflow_key, tracking_uri
 
-ZEROSHOT, RETRIEVAL = "zeroshot", "retrieval"
+log = get_logger("eval")
 
 
 # ---- eval sets -------------------------------------------------------------------------------------
@@ -311,7 +312,7 @@ def run_eval(cfg: Config, pending: bool = False, version: str | int | None = Non
         if claim is None:
             results.append({**result, "status": "skipped", "reason": "claimed or finished by another eval job"})
             continue
-        print(f"[eval] {name} v{mv.version}: claimed by {claimant}", flush=True)
+        log.info("%s v%s: claimed by %s", name, mv.version, claimant)
         results.append({**result, **_evaluate_claimed(cfg, client, claim, mv)})
     return results
 
@@ -338,7 +339,7 @@ def _evaluate_claimed(cfg: Config, client, claim: registry.Claim, mv) -> dict[st
         client.set_tag(eval_run, "clipflow.failure", reason[:registry.MAX_TAG_CHARS])
         client.set_terminated(eval_run, "FAILED")
         registry.finish_version(claim, registry.FAILED, reason, eval_run_id=eval_run)
-        print(f"[eval] {claim.name} v{mv.version}: FAILED: {reason}", flush=True)
+        log.error("%s v%s: FAILED: %s", claim.name, mv.version, reason)
         return {"status": registry.FAILED, "reason": reason, "eval_run_id": eval_run}
     if not claim.held():
         client.set_terminated(eval_run, "KILLED")
@@ -351,8 +352,8 @@ def _evaluate_claimed(cfg: Config, client, claim: registry.Claim, mv) -> dict[st
                             eval_run_id=eval_run)
     primary = metrics.get(cfg.eval.primary_metric)
     aliases = registry.promote(client, claim.name, mv.version, mlflow_key(cfg.eval.primary_metric), primary)
-    print(f"[eval] {claim.name} v{mv.version}: done, {cfg.eval.primary_metric}={primary} "
-          f"(aliases: {', '.join(aliases) or 'none'})", flush=True)
+    log.info("%s v%s: done, %s=%s (aliases: %s)", claim.name, mv.version, cfg.eval.primary_metric, primary,
+             ", ".join(aliases) or "none")
     return {"status": registry.DONE, "metrics": metrics, "num_classes": num_classes, "aliases": aliases,
             "eval_run_id": eval_run, "images_per_second": rate}
 
@@ -446,7 +447,7 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     refused = [r for r in results if r["status"] == "refused"]
     if refused:
         raise UserError(refused[0]["reason"])
-    return 1 if any(r["status"] == registry.FAILED for r in results) else 0
+    return EXIT_FAILED if any(r["status"] == registry.FAILED for r in results) else EXIT_OK
 
 
 def format_summary(cfg: Config, results: list[dict[str, Any]]) -> str:

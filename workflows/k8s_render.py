@@ -1,4 +1,4 @@
-"""`clipflow k8s render`: the RayJob (or scheduled RayCronJob) for a run config.
+"""`clipflow k8s render`: the RayJob (or scheduled RayCronJob) for a run config (`run`/`status`: k8s_jobs).
 
 The run config stays the single source of truth for a run: the worker range comes from
 ``scaling.min_workers/max_workers``, GPUs from ``scaling.use_gpu``, image and namespace from the ``k8s``
@@ -23,9 +23,11 @@ import yaml
 
 from workflows.config import Config
 from workflows.errors import UserError
-from workflows.manifests import PROJECT_ROOT, gpus_of, load_documents, validate_manifest
+from workflows.manifests import gpus_of, load_documents, validate_manifest
+from workflows.project import project_root
 
 STAGES = ("preprocess", "train", "eval")
+PATHS_ARE_REMOTE = True  # the jobs load the config in the cluster's image, where its paths resolve
 MAX_RAYJOB_NAME = 47  # KubeRay derives cluster and submitter names from it; longer names are rejected
 SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}}
 # A retried RayJob brings up a fresh cluster; train resumes from its last checkpoint (same run key).
@@ -34,23 +36,36 @@ TTL_SECONDS_AFTER_FINISHED = 3600  # keep a finished cluster an hour for logs, t
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from workflows import k8s_jobs  # imported here: it imports this module (and no Kubernetes client yet)
+
     sub = parser.add_subparsers(dest="k8s_command", required=True, metavar="SUBCOMMAND")
     render = sub.add_parser("render", help="print the RayJob for a run config",
                             description="Print the KubeRay RayJob (or RayCronJob) that runs one stage of a run config.")
-    # Accept --config/--set after `render` too; SUPPRESS keeps values given before it.
-    render.add_argument("--config", default=argparse.SUPPRESS, help="YAML run config (inside the project)")
-    render.add_argument("--set", dest="overrides", action="append", default=argparse.SUPPRESS,
-                        metavar="KEY=VALUE", help="override one config value (repeatable)")
+    add_config_arguments(render, "YAML run config (inside the project)")
     render.add_argument("--stage", choices=STAGES, default="train", help="which stage the job runs (default: train)")
     render.add_argument("--schedule", default=None, metavar="CRON",
                         help="render a RayCronJob on this cron schedule instead (eval runs with --pending)")
     render.add_argument("--suspend", action="store_true", help="create the RayJob suspended (resume it later)")
-    render.add_argument("--cluster", default=str(PROJECT_ROOT / "ray_cluster.yaml"),
-                        help="RayCluster manifest whose spec the job's cluster copies (default: ray_cluster.yaml)")
+    render.add_argument("--cluster", default=None,
+                        help="RayCluster manifest whose spec the job's cluster copies "
+                             "(default: the checkout's ray_cluster.yaml)")
     render.add_argument("--output", "-o", default=None, help="write to this file instead of stdout")
+    render.set_defaults(_k8s_main=render_main)
+    k8s_jobs.add_arguments(sub)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_help: str = "YAML run config") -> None:
+    """Accept --config/--set after the subcommand too; SUPPRESS keeps values given before it."""
+    parser.add_argument("--config", default=argparse.SUPPRESS, help=config_help)
+    parser.add_argument("--set", dest="overrides", action="append", default=argparse.SUPPRESS,
+                        metavar="KEY=VALUE", help="override one config value (repeatable)")
 
 
 def main(cfg: Config, args: argparse.Namespace) -> int:
+    return args._k8s_main(cfg, args)
+
+
+def render_main(cfg: Config, args: argparse.Namespace) -> int:
     doc = render(cfg, args.config, args.stage, args.overrides, cluster_path=args.cluster,
                  schedule=args.schedule, suspend=args.suspend)
     text = to_yaml(doc, _command_line(args))
@@ -64,11 +79,15 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def render(cfg: Config, config_path: str | None, stage: str, overrides: list[str] | None = None, *,
-           cluster_path: str | Path = PROJECT_ROOT / "ray_cluster.yaml", schedule: str | None = None,
+           cluster_path: str | Path | None = None, schedule: str | None = None,
            suspend: bool = False) -> dict[str, Any]:
-    """The validated RayJob / RayCronJob manifest for ``stage`` of the run ``cfg`` loaded from ``config_path``."""
+    """The validated RayJob / RayCronJob manifest for ``stage`` of the run ``cfg`` loaded from ``config_path``.
+
+    ``cluster_path`` defaults to the checkout's ``ray_cluster.yaml`` (see :func:`project_root`).
+    """
     if stage not in STAGES:
         raise UserError(f"--stage must be one of {list(STAGES)}, got {stage!r}")
+    cluster_path = cluster_path or project_root() / "ray_cluster.yaml"
     extra = ["--pending"] if stage == "eval" else []  # evaluate every version still waiting for eval
     entrypoint = shlex.join(["clipflow", *stage_command(stage, project_relative(config_path), overrides, extra)])
     job_spec: dict[str, Any] = {
@@ -82,7 +101,7 @@ def render(cfg: Config, config_path: str | None, stage: str, overrides: list[str
     }
     if suspend:
         job_spec["suspend"] = True
-    name = f"{_slug(cfg.name)}-{stage}"
+    name = job_name(cfg, stage)
     labels = {"app.kubernetes.io/name": "clipflow", "app.kubernetes.io/component": stage,
               "clipflow.dev/run": _slug(cfg.name)}
     if schedule:
@@ -100,6 +119,11 @@ def render(cfg: Config, config_path: str | None, stage: str, overrides: list[str
     if errors:
         raise UserError(f"rendered {doc['kind']} is invalid (check {cluster_path}): " + "; ".join(errors))
     return doc
+
+
+def job_name(cfg: Config, stage: str) -> str:
+    """The RayJob of ``stage`` for the run ``cfg``: what `render` writes and `k8s run`/`status` look up."""
+    return f"{_slug(cfg.name)}-{stage}"
 
 
 def stage_command(stage: str, config: str | None, overrides: list[str] | None = None,
@@ -120,17 +144,18 @@ def project_relative(config_path: str | None) -> str | None:
     path = Path(config_path).resolve()
     if not path.is_file():
         raise UserError(f"config file not found: {config_path}")
+    root = project_root()
     try:
-        return path.relative_to(PROJECT_ROOT).as_posix()
+        return path.relative_to(root).as_posix()
     except ValueError:
-        raise UserError(f"{config_path} is outside the project ({PROJECT_ROOT}); the cluster only sees files "
+        raise UserError(f"{config_path} is outside the project ({root}); the cluster only sees files "
                         "inside it: copy the config into configs/") from None
 
 
 def cluster_spec(cfg: Config, stage: str, cluster_path: str | Path) -> dict[str, Any]:
     """ray_cluster.yaml's spec with the run's image and GPU group sized for ``stage``."""
     if not Path(cluster_path).is_file():
-        raise UserError(f"{cluster_path} not found: run from a clipflow checkout (pip install -e .) or pass --cluster")
+        raise UserError(f"{cluster_path} not found: run from a clipflow checkout or pass --cluster")
     docs = [d for d in load_documents(cluster_path) if d.get("kind") == "RayCluster"]
     if len(docs) != 1:
         raise UserError(f"{cluster_path}: expected exactly one RayCluster, found {len(docs)}")

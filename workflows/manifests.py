@@ -3,10 +3,12 @@
 No API server runs in CI, so manifests are validated against schemas instead:
 
 - core kinds (Deployment, CronJob, Secret, RBAC, ...) against the pinned Kubernetes release's schema
-  (`kubernetes-validate`, strict: unknown fields are errors, as with `kubectl apply --validate=strict`);
+  (`kubernetes-validate`, strict: unknown fields are errors, as with `kubectl apply --validate=strict`).
+  It bundles the schemas of many Kubernetes releases (~100 MB), so it is a dev dependency, imported only
+  when a core kind is validated: `clipflow k8s render` writes KubeRay kinds only;
 - KubeRay kinds (RayCluster, RayJob, RayCronJob) against the v1 CRDs' openAPIV3Schema vendored in
-  ``k8s/schemas/`` — made strict the same way, since the API server's field validation rejects fields a
-  structural schema does not declare;
+  ``workflows/kuberay_schemas/`` (package data, so any install validates) — made strict the same way,
+  since the API server's field validation rejects fields a structural schema does not declare;
 - semantic rules the schemas cannot express but the operator or this project relies on (the head runs
   no training, worker ranges are ordered, every container declares requests and limits, ...).
 
@@ -17,15 +19,16 @@ from __future__ import annotations
 
 import functools
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
 import jsonschema
-import kubernetes_validate
 import yaml
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SCHEMA_DIR = PROJECT_ROOT / "k8s" / "schemas"
+from workflows.errors import UserError
+from workflows.project import project_root
+
 KUBERNETES_VERSION = "1.32.0"  # oldest Kubernetes minor still supported upstream when this was pinned
 KUBERAY_KINDS = ("RayCluster", "RayJob", "RayCronJob")
 # RayJob.spec.submissionMode is a free string in the CRD; the operator accepts only these.
@@ -40,7 +43,7 @@ def load_documents(path: str | Path) -> list[dict[str, Any]]:
 @functools.cache
 def kuberay_schema(kind: str) -> dict[str, Any]:
     """The vendored CRD schema for ``kind``, with undeclared fields made errors."""
-    path = SCHEMA_DIR / f"{kind.lower()}.json"
+    path = resources.files("workflows").joinpath("kuberay_schemas", f"{kind.lower()}.json")
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing; regenerate with k8s/schemas/vendor_kuberay.py")
     schema = json.loads(path.read_text())
@@ -93,6 +96,11 @@ def _schema_errors(schema: dict[str, Any], doc: dict[str, Any], where: str) -> l
 
 
 def _core_errors(doc: dict[str, Any], where: str) -> list[str]:
+    try:
+        import kubernetes_validate
+    except ImportError:
+        raise UserError(f"{where}: validating core Kubernetes kinds needs kubernetes-validate: "
+                        "pip install 'clipflow[dev]'") from None
     try:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
     except kubernetes_validate.ValidationError as exc:
@@ -221,7 +229,12 @@ def check_ray_job_spec(spec: dict[str, Any], where: str) -> list[str]:
     return errors
 
 
-def manifest_files(root: Path = PROJECT_ROOT) -> list[Path]:
-    """Every Kubernetes object the project ships: ray_cluster.yaml and k8s/**.yaml but the kustomization."""
+# YAML under k8s/ that holds no Kubernetes object: kustomize's input and the KubeRay operator's Helm values.
+NOT_OBJECTS = ("kustomization.yaml", "kuberay-operator-values.yaml")
+
+
+def manifest_files(root: Path | None = None) -> list[Path]:
+    """Every Kubernetes object the checkout ships: ray_cluster.yaml and k8s/**.yaml but NOT_OBJECTS."""
+    root = root or project_root()
     return [root / "ray_cluster.yaml",
-            *sorted(p for p in (root / "k8s").rglob("*.yaml") if p.name != "kustomization.yaml")]
+            *sorted(p for p in (root / "k8s").rglob("*.yaml") if p.name not in NOT_OBJECTS)]

@@ -46,13 +46,14 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from clip_core.tokenizer import Tokenizer
 from workflows import storage
 from workflows.config import Config, ConfigError, PreprocessConfig
 from workflows.errors import UserError
 from workflows.filters import check_config, clean_caption, content_hash, process_image
+from workflows.local_services import ensure_ray, ray_data_context
+from workflows.log import Progress
 from workflows.readers import Source, expand_inputs, read_source
 from workflows.tokenizer_io import load_tokenizer, save_tokenizer
 
@@ -113,7 +114,6 @@ def run_preprocess(cfg: Config, *, force: bool = False,
         storage.delete(storage.join(out, WORK_DIR), endpoint)
     progress = _read_json(storage.join(work, PROGRESS), endpoint) or {"shards": {}}
 
-    from workflows.local_services import ensure_ray
     ensure_ray()
     _check_output_reachable(out)
     tokenizer = _prepare_tokenizer(cfg, sources, endpoint, progress, work)
@@ -222,16 +222,20 @@ def _prepare_tokenizer(cfg: Config, sources: list[Source], endpoint: str, progre
 
 def _train_tokenizer(cfg: Config, sources: list[Source], endpoint: str) -> Tokenizer:
     """A separate pass over the captions only (caption filters applied; images are not decoded)."""
-    with _ray_data_context(preserve_order=True):  # a dataset keeps the context it was created in
+    with ray_data_context(preserve_order=True):  # a dataset keeps the context it was created in
         ds = _source_dataset(sources).map_batches(
             _caption_batch, batch_size=1, fn_kwargs={"sources": sources, "cfg": cfg.preprocess, "endpoint": endpoint},
             **_remote_args(sources, cfg.preprocess.output))
-        captions = (row["caption"] for row in tqdm(ds.iter_rows(), desc="tokenizer: reading captions",
-                                                   unit=" captions", mininterval=1.0))
-        try:
-            tok = Tokenizer.train(captions, cfg.tokenizer.vocab_size, cfg.tokenizer.context_length)
-        except ValueError as e:
-            raise UserError(f"cannot train the tokenizer on these captions: {e}") from e
+        with Progress(None, "tokenizer: reading captions", "captions") as bar:
+            def captions() -> Iterator[str]:
+                for row in ds.iter_rows():
+                    bar.update(1)
+                    yield row["caption"]
+
+            try:
+                tok = Tokenizer.train(captions(), cfg.tokenizer.vocab_size, cfg.tokenizer.context_length)
+            except ValueError as e:
+                raise UserError(f"cannot train the tokenizer on these captions: {e}") from e
     return tok
 
 
@@ -266,8 +270,8 @@ def _local_copy(uris: list[str], endpoint: str) -> Iterator[list[str]]:
 def _build_parts(cfg: Config, sources: list[Source], tokenizer: Tokenizer, endpoint: str, work: str) -> int:
     """Process every source not already done into its part file; returns how many were reused."""
     reused = samples = 0
-    with _ray_data_context(preserve_order=False), \
-            tqdm(total=len(sources), desc="preprocess: decode/resize/encode", unit=" sources") as bar:
+    with ray_data_context(preserve_order=False), \
+            Progress(len(sources), "preprocess: decode/resize/encode", "sources") as bar:
         ds = _source_dataset(sources).map_batches(
             _part_batch, batch_size=1,
             fn_kwargs={"sources": sources, "cfg": cfg.preprocess, "tokenizer": tokenizer,
@@ -276,8 +280,7 @@ def _build_parts(cfg: Config, sources: list[Source], tokenizer: Tokenizer, endpo
         for row in ds.iter_rows():
             reused += int(row["reused"])
             samples += int(row["samples"])
-            bar.set_postfix(samples=samples, refresh=False)
-            bar.update(1)
+            bar.update(1, samples=samples)
     return reused
 
 
@@ -341,20 +344,6 @@ def _remote_args(sources: list[Source], output: str) -> dict[str, Any]:
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
-@contextmanager
-def _ray_data_context(preserve_order: bool) -> Iterator[None]:
-    """Our own progress bars instead of Ray Data's; ordered output where the result depends on it."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
-    ctx.execution_options.preserve_order, ctx.enable_progress_bars = preserve_order, False
-    try:
-        yield
-    finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
-
-
 # ---- stage 2: dedup + shards on the driver -------------------------------------------------------------
 
 def _write_shards(cfg: Config, sources: list[Source], endpoint: str, work: str, progress: dict[str, Any],
@@ -389,7 +378,7 @@ def _write_shards(cfg: Config, sources: list[Source], endpoint: str, work: str, 
         if on_shard is not None:
             on_shard(index)
 
-    with tqdm(total=len(sources), desc="preprocess: dedup + write shards", unit=" sources") as bar:
+    with Progress(len(sources), "preprocess: dedup + write shards", "sources") as bar:
         for index in range(len(sources)):
             part = pq.ParquetFile(storage.open_input(storage.join(work, PART_NAME.format(index)), endpoint))
             for batch in part.iter_batches(batch_size=1024):

@@ -25,6 +25,7 @@ from workflows.accumulation import check_world_sizes
 from workflows.config import Config
 from workflows.errors import UserError
 from workflows.local_services import ensure_ray
+from workflows.log import current_level
 from workflows.tokenizer_io import load_tokenizer
 from workflows.tracking import tracking_uri
 from workflows.train_data import DataOrder, Shard
@@ -154,7 +155,7 @@ def prepare_run(cfg: Config, debug: TrainDebug) -> RunSetup:
     return RunSetup(run_name=run_name, order=order, tokenizer=tokenizer, image_size=image_size,
                     context_length=context_length, total_steps=total_steps,
                     checkpoint_root=storage.join(cfg.storage.path, run_name), manifest_hash=manifest_hash,
-                    debug=debug)
+                    log_level=current_level(), debug=debug)
 
 
 def read_manifest(data: str, endpoint: str) -> dict[str, Any]:

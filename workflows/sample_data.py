@@ -34,10 +34,10 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from workflows import storage
 from workflows.config import Config, ConfigError, SampleDataConfig
+from workflows.log import Progress
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "heart")
 COLORS = {"red": (220, 35, 35), "orange": (245, 140, 20), "yellow": (235, 215, 30), "green": (40, 165, 60),
@@ -135,7 +135,7 @@ def generate_sample_data(cfg: SampleDataConfig, endpoint: str = "") -> dict[str,
                for c, folder in enumerate(folders) for n in range(cfg.zeroshot_per_class)]
             + [(cfg.seed, cfg.image_size, RETRIEVAL, n, None) for n in range(cfg.retrieval_samples)])
     workers = cfg.workers or max(1, min(os.cpu_count() or 1, len(jobs) // 500))
-    with tqdm(total=len(jobs), desc="sample-data: rendering", unit=" images", mininterval=1.0) as bar, \
+    with Progress(len(jobs), "sample-data: rendering", "images") as bar, \
             _renderer(workers) as render_all:
         drawn = iter(render_all(jobs))
 

@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from workflows.config import Config
-from workflows.errors import UserError
+from workflows.errors import EXIT_FAILED, EXIT_OK, UserError
 from workflows.k8s_render import project_relative, stage_command
-from workflows.manifests import PROJECT_ROOT
+from workflows.project import project_root
 
 SUBMITTABLE = ("sample-data", "preprocess", "train", "eval")
 # Never uploaded: environments, local stores, VCS data and build leftovers (Ray also honours .gitignore).
 EXCLUDES = [".venv", ".clipflow", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", "build", "dist"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+PATHS_ARE_REMOTE = True  # the job loads the config on the cluster, where its relative paths resolve
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,9 +61,8 @@ class JobRequest:
 
 
 def build_request(cfg: Config, args: argparse.Namespace) -> JobRequest:
-    if not (PROJECT_ROOT / "pyproject.toml").is_file():
-        raise UserError(f"{PROJECT_ROOT} is not a clipflow checkout, and submit uploads the checkout as the "
-                        "job's working dir: install clipflow with `pip install -e .` from a clone")
+    """The job for ``args.stage``; its working dir is the checkout you run from, uploaded as it is."""
+    root = project_root()
     extra = _eval_args(args)
     config = project_relative(args.config)
     entrypoint = shlex.join(["clipflow", *stage_command(args.stage, config, args.overrides, extra)])
@@ -76,7 +76,7 @@ def build_request(cfg: Config, args: argparse.Namespace) -> JobRequest:
     run = "".join(c if c.isalnum() else "-" for c in cfg.name.lower())
     return JobRequest(
         entrypoint=entrypoint,
-        runtime_env={"working_dir": str(PROJECT_ROOT), "excludes": list(EXCLUDES), "env_vars": env_vars},
+        runtime_env={"working_dir": str(root), "excludes": list(EXCLUDES), "env_vars": env_vars},
         submission_id=args.submission_id or f"clipflow-{run}-{args.stage}-{stamp}-{secrets.token_hex(2)}",
         metadata={"clipflow.stage": args.stage, "clipflow.run": cfg.name, "clipflow.config": config or ""},
     )
@@ -106,15 +106,15 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     if not args.wait:
         print(f"follow it with: ray job logs --address {args.address} --follow {job_id}\n"
               f"dashboard:      {args.address.rstrip('/')}/#/jobs/{job_id}")
-        return 0
+        return EXIT_OK
     status = wait_for(client, job_id, args.timeout)
     _summary(job_id, status, request, args.address, time.monotonic() - started)
     if status == "SUCCEEDED":
-        return 0
+        return EXIT_OK
     if status not in TERMINAL:
         print(f"clipflow submit: stopped waiting; job {job_id} is still {status} "
               f"(ray job logs --address {args.address} --follow {job_id})", file=sys.stderr)
-    return 1
+    return EXIT_FAILED
 
 
 def connect(address: str):

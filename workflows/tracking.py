@@ -334,9 +334,10 @@ class Tracker:
         except OSError:
             if self._checkpoint_ready(checkpoint_uri):
                 raise  # the checkpoint is there: the store or server is failing (an outage, retried)
-            # Ray deleted it meanwhile (train.keep_checkpoints): drop it, or it would block later ones.
-            log.warning("MLflow: checkpoint %s (step %d) is not registered: it was deleted before it could be "
-                        "(train.keep_checkpoints)", checkpoint_uri, step)
+            # Not there (any more): drop it, or it would block later ones.
+            log.warning("MLflow: checkpoint %s (step %d) is not registered: it is no longer complete at that path "
+                        "(Ray Train deletes checkpoints beyond train.keep_checkpoints; raise it to register every "
+                        "one)", checkpoint_uri, step)
             return
         finally:
             mlflow.set_tracking_uri(previous_uri)

@@ -46,6 +46,7 @@ from clip_core.transforms import (decode_image, random_resized_crop, random_resi
                                   to_uint8_chw)
 from workflows import storage
 from workflows.config import TrainConfig
+from workflows.local_services import ray_data_context
 from workflows.preprocess import ROW_GROUP_ROWS
 
 COLUMNS = ["key", "image", "tokens"]
@@ -196,11 +197,9 @@ def epoch_batches(order: DataOrder, epoch: int, first_step: int, rank: int, worl
     units = order.read_units(epoch, first_step, rank, world_size)
     if not units:
         return iter(())
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # the order IS the resume position
-    ctx.enable_progress_bars = False  # one dataset per rank and epoch: the bars would drown the log
-    ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        load_units, batch_size=1, batch_format="numpy",
-        fn_kwargs={"order": order, "image_size": image_size, "augment": augment, "endpoint": endpoint})
+    with ray_data_context(preserve_order=True):  # the order IS the resume position
+        ds = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+            load_units, batch_size=1, batch_format="numpy",
+            fn_kwargs={"order": order, "image_size": image_size, "augment": augment, "endpoint": endpoint})
     return ds.iter_batches(batch_size=order.global_batch // world_size, batch_format="numpy",
                            prefetch_batches=prefetch_batches)

@@ -33,11 +33,13 @@ from workflows import storage
 from workflows.acceleration import compile_for_training, use_channels_last, uses_cudagraphs
 from workflows.accumulation import plan_batches
 from workflows.config import Config
+from workflows.log import get_logger, setup_logging
 from workflows.optim import build_optimizer, build_scheduler, optimizer_step
 from workflows.throughput import mfu, peak_flops, peak_memory_bytes
 from workflows.tracking import Tracker
 from workflows.train_data import DataOrder, augmentation, epoch_batches
 
+log = get_logger("train")
 SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # Zhai et al., 2023: t' = log 10, b = -10
 SIGLIP_INIT_LOGIT_BIAS = -10.0
 
@@ -71,6 +73,7 @@ class RunSetup:
     total_steps: int
     checkpoint_root: str  # storage.path/run_name: where Ray Train persists checkpoints
     manifest_hash: str
+    log_level: str = "info"  # the driver's: workers are other processes and set up logging again
     debug: TrainDebug = field(default_factory=TrainDebug)
 
 
@@ -178,7 +181,7 @@ def _maybe_fail(debug: TrainDebug, rank: int, step: int) -> None:
         flag = Path(debug.ledger_dir) / f"failed-at-{step}"
         if not flag.exists():
             flag.touch()
-            print(f"[fault injection] rank {rank} exits after step {step} in {debug.fail_after_s:.0f} s", flush=True)
+            log.warning("fault injection: rank %d exits after step %d in %.0f s", rank, step, debug.fail_after_s)
             time.sleep(debug.fail_after_s)
             os._exit(1)
 
@@ -246,6 +249,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg: Config = config["cfg"]
     setup: RunSetup = config["setup"]
+    setup_logging(setup.log_level)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -267,11 +271,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model, loss_fn = compile_for_training(model, loss_fn, cfg.model.compile, cfg.model.compile_mode)
     cudagraphs = uses_cudagraphs(cfg.model.compile, cfg.model.compile_mode)
     if rank == 0:
-        print(f"[train] {setup.run_name}: world {world}, per-worker batch {plan.per_worker} = {plan.accum_steps} x "
-              f"{plan.micro_batch}, steps {step}->{total_steps}" + (" (resumed)" if step else "")
-              + (f", compile {cfg.model.compile}/{cfg.model.compile_mode}" if cfg.model.compile != "none" else "")
-              + (", channels_last" if channels_last else "")
-              + (", crops on the device" if augmentation(cfg.train) == "device" else ""), flush=True)
+        log.info(f"{setup.run_name}: world {world}, per-worker batch {plan.per_worker} = {plan.accum_steps} x "
+                 f"{plan.micro_batch}, steps {step}->{total_steps}" + (" (resumed)" if step else "")
+                 + (f", compile {cfg.model.compile}/{cfg.model.compile_mode}" if cfg.model.compile != "none" else "")
+                 + (", channels_last" if channels_last else "")
+                 + (", crops on the device" if augmentation(cfg.train) == "device" else ""))
     meter = Meter(plan.global_batch, step, model_flops_per_sample(raw.config),
                   peak_flops(device, cfg.train.peak_flops) if rank == 0 else 0.0, world)
     loss = torch.zeros(())
@@ -297,9 +301,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                "samples_seen": step * plan.global_batch}
                     if tracker is not None:
                         tracker.log_metrics(metrics, step=step)
-                    print(f"[train] step {step}/{total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-                          f"T {metrics['temperature']:.1f} {metrics['samples_per_second']:.1f} samples/s "
-                          f"mfu {metrics['mfu']:.1%} data-wait {metrics['data_wait_fraction']:.0%}", flush=True)
+                    log.info(f"step {step}/{total_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+                             f"T {metrics['temperature']:.1f} {metrics['samples_per_second']:.1f} samples/s "
+                             f"mfu {metrics['mfu']:.1%} data-wait {metrics['data_wait_fraction']:.0%}")
                 if rank == 0 and cfg.train.zero_shot_every and step % cfg.train.zero_shot_every == 0:
                     zero_shot(raw, setup.tokenizer, cfg, device, tracker, step)
                 if step % cfg.train.checkpoint_every == 0 or step == total_steps:
@@ -322,8 +326,8 @@ def zero_shot(raw: CLIP, tokenizer: Tokenizer, cfg: Config, device: torch.device
         raw.train()
     if tracker is not None:
         tracker.log_metrics(metrics, step=step)
-    print(f"[train] step {step} zero-shot " + ", ".join(f"{k} {v:.1%}" for k, v in sorted(metrics.items())
-                                                        if k.endswith("acc1")), flush=True)
+    log.info(f"step {step} zero-shot " + ", ".join(f"{k} {v:.1%}" for k, v in sorted(metrics.items())
+                                                   if k.endswith("acc1")))
 
 
 def report_checkpoint(cfg: Config, setup: RunSetup, raw: CLIP, states: dict[str, Any], tracker: Tracker | None, *,

@@ -1,9 +1,10 @@
-"""Regenerate the vendored KubeRay v1 schemas (``k8s/schemas/*.json``) from the published CRDs.
+"""Regenerate the vendored KubeRay v1 schemas (``workflows/kuberay_schemas/*.json``) from the published CRDs.
 
 The CRDs are large (~3 MB of YAML); the tests need only each kind's ``openAPIV3Schema`` for the
 served ``v1`` version. Descriptions are dropped (they are most of the bytes) and everything that
 constrains a manifest is kept verbatim: types, ``required``, ``enum``, formats, patterns, bounds and
-the ``x-kubernetes-*`` markers. Run from the repository root:
+the ``x-kubernetes-*`` markers. They are package data of ``workflows``, so `clipflow k8s render` validates
+what it writes from any install. Run from the repository root:
 
     python k8s/schemas/vendor_kuberay.py /path/to/kuberay/ray-operator/config/crd/bases SOURCE_NOTE
 """
@@ -19,7 +20,7 @@ import yaml
 
 KINDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
          "RayCronJob": "ray.io_raycronjobs.yaml"}
-OUT = Path(__file__).resolve().parent
+OUT = Path(__file__).resolve().parents[2] / "workflows" / "kuberay_schemas"
 
 
 def strip_descriptions(node: Any) -> Any:
