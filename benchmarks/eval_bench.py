@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from clip_core import create_model
-from workflows.config import load_config
-from workflows.evaluate import embed_images_local, embed_images_ray, read_retrieval_set, read_zeroshot_set
-from workflows.local_services import ensure_ray
-from workflows.sample_data import generate_sample_data
+from workflows.common.config import load_config
+from workflows.common.runtime import ensure_ray
+from workflows.data.eval_sets import embed_images_local, read_retrieval_set, read_zeroshot_set
+from workflows.data.sample_data import generate_sample_data
+from workflows.eval.job import embed_images_ray
 
 
 def main() -> None:

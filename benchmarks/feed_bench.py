@@ -32,10 +32,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clip_core import resized_crops  # noqa: E402
-from workflows.local_services import ensure_ray  # noqa: E402
-from workflows.preprocess import ROW_GROUP_ROWS  # noqa: E402
-from workflows.sample_data import encode_jpeg  # noqa: E402
-from workflows.train_data import DataOrder, Shard, epoch_batches, load_units  # noqa: E402
+from workflows.artifacts import ROW_GROUP_ROWS  # noqa: E402
+from workflows.common.runtime import ensure_ray  # noqa: E402
+from workflows.data.sample_data import encode_jpeg  # noqa: E402
+from workflows.train.feed import DataOrder, Shard, epoch_batches, load_units  # noqa: E402
 
 CONTEXT = 77
 ROWS_PER_SHARD = 1024

@@ -8,13 +8,13 @@
 Both systems train the same architecture (clip_core's zoo config; OpenCLIP's model is built from its
 own config with QuickGELU set to match) on the same per-GPU batch, under bf16 autocast, with the
 paper's AdamW (betas 0.9/0.98, eps 1e-6, weight decay 0.2 on weight matrices only,
-``workflows.optim.param_groups``) and a warmup-cosine LR schedule stepped every step. TF32 and
+``workflows.train.optim.param_groups``) and a warmup-cosine LR schedule stepped every step. TF32 and
 cuDNN autotuning are on for both, as open_clip_train sets them.
 
-- clipflow: the trainer's own step, ``workflows.optim.optimizer_step`` (one micro-batch, no gradient
+- clipflow: the trainer's own step, ``workflows.train.optim.optimizer_step`` (one micro-batch, no gradient
   clipping: the defaults): uint8 images normalised on the device, forward + ``clip_core.ClipLoss`` +
-  backward through ``workflows.accumulation.accumulate_gradients``, AdamW, scheduler, temperature
-  clamp. Its levers are the trainer's too (``workflows.acceleration``; config keys in brackets),
+  backward through ``workflows.train.accumulation.accumulate_gradients``, AdamW, scheduler, temperature
+  clamp. Its levers are the trainer's too (``workflows.train.acceleration``; config keys in brackets),
   each switchable so gains can be attributed: ``--compile`` (``model.compile``: whole model + loss,
   or regional: each transformer block and ResNet bottleneck), ``--compile-mode``
   (``model.compile_mode``; ``reduce-overhead`` adds CUDA graphs), fused AdamW (``build_optimizer``;
@@ -31,7 +31,7 @@ and cuDNN autotuning happen there; their wall time is reported), then ``--repeat
 loss is read after the last window). samples/s is the median window. Both systems' FLOPs are
 ``clip_core.model_flops_per_sample`` x 3 (forward + backward), so model TFLOP/s and MFU against
 ``--peak-tflops`` (790: the H200's measured dense bf16 matmul rate, as the issue states;
-``workflows.throughput`` lists the datasheet's 989) compare like for like.
+``workflows.train.throughput`` lists the datasheet's 989) compare like for like.
 
 Correctness in the same run: OpenCLIP's model loads the initial state dict of clipflow's model
 (same seed) with ``strict=True``, so the first step of both systems sees the same weights and the
@@ -60,11 +60,11 @@ from torch import nn
 from clip_core import ClipLoss, create_model, list_models, model_flops_per_sample, normalize
 from clip_core.model import CLIP, MAX_LOGIT_SCALE
 from clip_core.model_configs import CLIPConfig
-from workflows.acceleration import (COMPILE_MODES, COMPILE_SCOPES, compile_for_training, use_channels_last,
-                                    uses_cudagraphs)
-from workflows.config import TrainConfig
-from workflows.optim import build_optimizer, build_scheduler, optimizer_step, param_groups
-from workflows.throughput import mfu, peak_memory_bytes
+from workflows.common.config import TrainConfig
+from workflows.train.acceleration import (COMPILE_MODES, COMPILE_SCOPES, compile_for_training, use_channels_last,
+                                          uses_cudagraphs)
+from workflows.train.optim import build_optimizer, build_scheduler, optimizer_step, param_groups
+from workflows.train.throughput import mfu, peak_memory_bytes
 
 SYSTEMS = ("clipflow", "openclip")
 DEFAULT_MODELS = "ViT-B-32:512,ViT-B-16:256,ViT-L-14:128,RN50:256"

@@ -102,7 +102,7 @@ EXCLUDES: list[str] = [
 
 # Console scripts as shell shims (the device's python3 is the one with CUDA torch).
 SHIMS: dict[str, str] = {
-    "clipflow": "-m workflows.cli",  # needs the repository on PYTHONPATH
+    "clipflow": "-m workflows.ops.cli",  # needs the repository on PYTHONPATH
     "mlflow": "-m mlflow",
     "ray": "-c 'import sys; from ray.scripts.scripts import main; sys.exit(main())'",
 }

@@ -2,7 +2,7 @@
 
 Both sides read the same webdataset shards and run the same per-sample work (caption checks, JPEG
 decode in draft mode, bicubic resize + center crop, JPEG re-encode, content hash, tokenize) through
-``workflows.preprocess.process_source``; the pipeline side is the whole per-source stage of
+``workflows.data.preprocess.process_source``; the pipeline side is the whole per-source stage of
 ``run_preprocess`` (Ray Data tasks, part files written). Printed as samples/s and their ratio
 (goal >= 1.5x on 2 cores, where the local Ray runtime has 4 logical CPUs).
 
@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from workflows.config import load_config  # noqa: E402
-from workflows.preprocess import process_source, run_preprocess  # noqa: E402
-from workflows.readers import expand_inputs, read_source  # noqa: E402
-from workflows.sample_data import generate_sample_data  # noqa: E402
+from workflows.common.config import load_config  # noqa: E402
+from workflows.data.preprocess import process_source, run_preprocess  # noqa: E402
+from workflows.data.readers import expand_inputs, read_source  # noqa: E402
+from workflows.data.sample_data import generate_sample_data  # noqa: E402
 
 
 def main() -> None:

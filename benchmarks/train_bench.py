@@ -21,15 +21,15 @@ import numpy as np
 import torch
 
 from clip_core import model_flops_per_sample
-from workflows.acceleration import compile_for_training, use_channels_last, uses_cudagraphs
-from workflows.accumulation import plan_batches
-from workflows.config import load_config
-from workflows.local_services import ensure_ray
-from workflows.optim import build_optimizer, build_scheduler, optimizer_step
-from workflows.pretrain import prepare_run
-from workflows.throughput import mfu, peak_flops
-from workflows.train_data import augmentation, epoch_batches
-from workflows.train_loop import TrainDebug, autocast_for, build_model, make_loss, to_device
+from workflows.common.config import load_config
+from workflows.common.runtime import ensure_ray
+from workflows.train.acceleration import compile_for_training, use_channels_last, uses_cudagraphs
+from workflows.train.accumulation import plan_batches
+from workflows.train.driver import prepare_run
+from workflows.train.feed import augmentation, epoch_batches
+from workflows.train.loop import TrainDebug, autocast_for, build_model, make_loss, to_device
+from workflows.train.optim import build_optimizer, build_scheduler, optimizer_step
+from workflows.train.throughput import mfu, peak_flops
 
 
 def measure(batches: Iterator[dict], steps: int, cfg, setup, device) -> dict[str, float]:

@@ -9,6 +9,7 @@ from clip_core.checkpoint import Checkpoint, CheckpointError, load_checkpoint, s
 from clip_core.loss import ClipLoss, SigLipLoss
 from clip_core.model import (CLIP, CLIPConfig, create_model, create_model_from_config, list_models,
                              load_openai_state_dict, model_flops_per_sample)
+from clip_core.pretrained import load_pretrained
 from clip_core.tokenizer import Tokenizer
 from clip_core.transforms import (OPENAI_MEAN, OPENAI_STD, ImageDecodeError, decode_image, normalize,
                                   random_resized_crop, random_resized_crop_box, resize_center_crop,
@@ -19,7 +20,7 @@ __all__ = [
     "CLIP", "CLIPConfig", "Checkpoint", "CheckpointError", "ClipLoss", "ImageDecodeError", "OPENAI_MEAN",
     "OPENAI_STD", "SigLipLoss", "Tokenizer", "build_zero_shot_classifier", "classification_metrics",
     "create_model", "create_model_from_config", "decode_image", "list_models", "load_checkpoint",
-    "load_openai_state_dict", "load_templates", "model_flops_per_sample", "normalize", "random_resized_crop",
-    "random_resized_crop_box", "resize_center_crop", "resize_keep_aspect", "resized_crops", "retrieval_metrics",
-    "save_checkpoint", "to_uint8_chw",
+    "load_openai_state_dict", "load_pretrained", "load_templates", "model_flops_per_sample", "normalize",
+    "random_resized_crop", "random_resized_crop_box", "resize_center_crop", "resize_keep_aspect", "resized_crops",
+    "retrieval_metrics", "save_checkpoint", "to_uint8_chw",
 ]

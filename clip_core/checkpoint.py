@@ -1,14 +1,19 @@
 """A checkpoint is one self-describing directory, loadable with clip_core alone (no Ray, no MLflow):
 
-    model.pt             state_dict (OpenAI/OpenCLIP key names)
+    model.safetensors    state_dict (OpenAI/OpenCLIP key names)
     model_config.json    CLIPConfig.to_dict()
     tokenizer/           Tokenizer.save
-    training_state.pt    optional: optimizer/scheduler/scaler/RNG states (any picklable dict)
+    training_state.pt    optional: optimizer/scheduler/scaler/RNG states (tensors and plain data only)
     trainer_state.json   optional: step, samples_seen, epoch, data position, ...
     checkpoint.json      format version, creation time, sha256 of every other file
 
 It is written into a temporary sibling directory and renamed into place, so a reader never sees a
 half-written checkpoint, and the hashes catch anything damaged later (partial copies, bit rot).
+
+No file is unpickled with code: the weights are safetensors, the training state is read with
+``torch.load(weights_only=True)``. The hashes are integrity, not authenticity -- anyone who can
+write the directory can re-hash it -- so safety rests on the loaders, never on checkpoint.json.
+For the same reason a file that checkpoint.json does not list is refused (leftovers or tampering).
 """
 
 from __future__ import annotations
@@ -17,24 +22,33 @@ import datetime
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 
-from clip_core.model import CLIP, CLIPConfig, create_model_from_config
+from clip_core.model import CLIP, CLIPConfig, model_from_state_dict
 from clip_core.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+# 2: weights in safetensors, the training state loadable with weights_only, unlisted files refused.
+FORMAT_VERSION = 2
 MANIFEST = "checkpoint.json"
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "model_config.json"
 TOKENIZER_DIR = "tokenizer"
 TRAINING_STATE_FILE = "training_state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
+FORMAT_1_MODEL_FILE = "model.pt"  # format 1's weights: a plain state dict, still safe to read alone
+# A numpy array in the training state is stored as {NDARRAY_TAG: its bytes, "dtype": ..., "shape": ...}.
+NDARRAY_TAG = "__clipflow_ndarray__"
+NUMERIC_KINDS = "biufc"  # bool, int, unsigned, float, complex: numpy dtypes whose bytes are the whole value
 
 
 class CheckpointError(ValueError):
@@ -49,14 +63,17 @@ class Checkpoint:
     path: Path
 
     def load_training_state(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
-        """Optimizer/scheduler/scaler/RNG states, or None when the checkpoint was saved without them.
-
-        Loaded with full unpickling (RNG states hold numpy arrays): only load checkpoints you wrote.
-        """
+        """Optimizer/scheduler/scaler/RNG states as they were saved (numpy arrays, tuples and all), or
+        None when the checkpoint was saved without them. Read with ``weights_only=True``: no code runs."""
         path = self.path / TRAINING_STATE_FILE
         if not path.exists():
             return None
-        return torch.load(path, map_location=map_location, weights_only=False)
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"{path} holds more than tensors and plain data, so it is refused "
+                                  f"(was it tampered with?); use another checkpoint") from exc
+        return _decode(state)
 
 
 def save_checkpoint(directory: str | Path, model: CLIP, tokenizer: Tokenizer, *,
@@ -64,18 +81,23 @@ def save_checkpoint(directory: str | Path, model: CLIP, tokenizer: Tokenizer, *,
                     training_state: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint to ``directory`` atomically (replacing one already there); returns its path.
 
-    Pass the bare model, not a DDP/compile wrapper, so state-dict keys stay OpenAI's.
+    Pass the bare model, not a DDP/compile wrapper, so state-dict keys stay OpenAI's. ``training_state``
+    may hold tensors, numpy arrays and scalars, numbers, strings, None, and lists, tuples and dicts of
+    them (optimizer/scheduler ``state_dict()``s, ``random.getstate()``, ``np.random.get_state()``):
+    what loads back without unpickling code. Anything else is a TypeError before anything is written.
     """
+    encoded = None if training_state is None else _encode(training_state, "training_state")
     target = Path(directory).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        torch.save(model.state_dict(), tmp / MODEL_FILE)
+        # contiguous: safetensors stores row-major tensors (a channels_last ResNet's are not)
+        safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / MODEL_FILE)
         _write_json(tmp / CONFIG_FILE, model.config.to_dict())
         tokenizer.save(tmp / TOKENIZER_DIR)
-        if training_state is not None:
-            torch.save(training_state, tmp / TRAINING_STATE_FILE)
+        if encoded is not None:
+            torch.save(encoded, tmp / TRAINING_STATE_FILE)
         if trainer_state is not None:
             _write_json(tmp / TRAINER_STATE_FILE, trainer_state)
         files = {path.relative_to(tmp).as_posix(): _sha256_and_sync(path)
@@ -95,41 +117,106 @@ def save_checkpoint(directory: str | Path, model: CLIP, tokenizer: Tokenizer, *,
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Verify every file against checkpoint.json, then rebuild the model and tokenizer."""
+    """Verify that the directory holds exactly the files checkpoint.json lists, with their hashes,
+    then rebuild the model and tokenizer."""
     path = Path(directory)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
-    manifest = _read_json(path / MANIFEST, path)
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise CheckpointError(f"{path / MANIFEST} is corrupt: expected an object with a 'files' map")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path / MANIFEST}: format_version {manifest.get('format_version')!r} is not "
-                              f"{FORMAT_VERSION}; this clip_core cannot read it")
-    files = manifest["files"]
-    for required in (MODEL_FILE, CONFIG_FILE):
-        if required not in files:
-            raise CheckpointError(f"{path / MANIFEST} does not list {required}; not a complete checkpoint")
-    for name, expected in files.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing (listed in {MANIFEST}); the checkpoint is incomplete")
-        actual = _sha256_and_sync(file, sync=False)
-        if actual != expected:
-            raise CheckpointError(f"{file} is corrupt: sha256 {actual[:12]}... does not match {expected[:12]}... "
-                                  f"recorded in {MANIFEST}; restore it or use another checkpoint")
+    files = _verified_files(path)
     try:
         config = CLIPConfig.from_dict(_read_json(path / CONFIG_FILE, path))
         tokenizer = Tokenizer.load(path / TOKENIZER_DIR)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
-    model = create_model_from_config(config, device=device)
-    state_dict = torch.load(path / MODEL_FILE, map_location=device, weights_only=True)
     try:
-        model.load_state_dict(state_dict, strict=True)
+        state_dict = safetensors.torch.load_file(path / MODEL_FILE, device=str(device))
+    except safetensors.SafetensorError as exc:
+        raise CheckpointError(f"{path / MODEL_FILE} is not a safetensors file ({exc}); use another checkpoint") from exc
+    try:
+        model = model_from_state_dict(config, state_dict, device)
     except RuntimeError as exc:
         raise CheckpointError(f"{path / MODEL_FILE} does not fit {CONFIG_FILE}: {exc}") from exc
     trainer_state = _read_json(path / TRAINER_STATE_FILE, path) if TRAINER_STATE_FILE in files else {}
     return Checkpoint(model=model, tokenizer=tokenizer, trainer_state=trainer_state, path=path)
+
+
+def _verified_files(path: Path) -> dict[str, str]:
+    """checkpoint.json's file map, once every listed file matches its hash and no other file is there."""
+    manifest = _read_json(path / MANIFEST, path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{path / MANIFEST} is corrupt: expected an object with a 'files' map")
+    _check_format(manifest.get("format_version"), path)
+    files = manifest["files"]
+    for required in (MODEL_FILE, CONFIG_FILE):
+        if required not in files:
+            raise CheckpointError(f"{path / MANIFEST} does not list {required}; not a complete checkpoint")
+    present = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_symlink() or not p.is_dir()}
+    present.discard(MANIFEST)
+    unlisted = sorted(present - set(files))
+    if unlisted:
+        raise CheckpointError(f"{path} holds files that {MANIFEST} does not list: {', '.join(unlisted)}; they are "
+                              f"leftovers or tampering, so the checkpoint is refused: remove them, or use another")
+    for name, expected in files.items():
+        file = path / name
+        if name not in present:
+            raise CheckpointError(f"{file} is missing (listed in {MANIFEST}); the checkpoint is incomplete")
+        actual = _sha256_and_sync(file, sync=False)
+        if actual != expected:
+            raise CheckpointError(f"{file} is corrupt: sha256 {actual[:12]}... does not match {expected[:12]}... "
+                                  f"recorded in {MANIFEST}; restore it or use another checkpoint")
+    return files
+
+
+def _check_format(version: Any, path: Path) -> None:
+    if version == FORMAT_VERSION:
+        return
+    if version == 1:
+        raise CheckpointError(
+            f"{path} was written by an older clipflow (checkpoint format 1), whose training state is a pickle "
+            f"that could run code, so this clipflow does not read it. Resume from a format-{FORMAT_VERSION} "
+            f"checkpoint or start the run afresh; its weights alone still load safely with "
+            f"clip_core.load_pretrained('{path / FORMAT_1_MODEL_FILE}', quick_gelu=<quick_gelu in {CONFIG_FILE}>)")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise CheckpointError(f"{path / MANIFEST}: format_version {version} was written by a newer clipflow; "
+                              f"this clip_core reads format {FORMAT_VERSION}: upgrade it")
+    raise CheckpointError(f"{path / MANIFEST} is corrupt: format_version {version!r} is not a known format")
+
+
+def _encode(value: Any, where: str) -> Any:
+    """``value`` with numpy arrays and scalars turned into tagged byte tensors; TypeError (naming
+    where) for anything ``torch.load(weights_only=True)`` could not read back."""
+    if isinstance(value, np.ndarray | np.generic):
+        if value.dtype.kind not in NUMERIC_KINDS:
+            raise TypeError(f"{where} is a numpy {value.dtype} value; only numeric numpy dtypes can be stored")
+        array = np.asarray(value)
+        return {NDARRAY_TAG: torch.from_numpy(np.frombuffer(array.tobytes(), dtype=np.uint8).copy()),
+                "dtype": array.dtype.str, "shape": list(array.shape), "scalar": isinstance(value, np.generic)}
+    if isinstance(value, dict):
+        if NDARRAY_TAG in value:
+            raise TypeError(f"{where} has the key {NDARRAY_TAG!r}, which checkpoints reserve for numpy arrays")
+        for key in value:
+            if not isinstance(key, str | int | float) and key is not None:
+                raise TypeError(f"{where} has a {type(key).__name__} key; use str or int keys")
+        return {key: _encode(item, f"{where}[{key!r}]") for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_encode(item, f"{where}[{i}]") for i, item in enumerate(value))
+    if value is None or isinstance(value, str | int | float | torch.Tensor | torch.Size):
+        return value
+    raise TypeError(f"{where} is a {type(value).__name__}; a checkpoint's training state holds only tensors, numpy "
+                    f"arrays, numbers, strings, None and lists/tuples/dicts of them (it loads without unpickling)")
+
+
+def _decode(value: Any) -> Any:
+    """The inverse of ``_encode``."""
+    if isinstance(value, dict):
+        if NDARRAY_TAG in value:
+            data = value[NDARRAY_TAG].cpu().numpy().tobytes()
+            array = np.frombuffer(data, dtype=np.dtype(value["dtype"])).reshape(value["shape"]).copy()
+            return array[()] if value["scalar"] else array
+        return {key: _decode(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_decode(item) for item in value)
+    return value
 
 
 def _write_json(path: Path, data: Any) -> None:

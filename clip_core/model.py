@@ -113,17 +113,22 @@ _OVERRIDES = {
 }
 
 
-def create_model(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                 *, grad_checkpointing: bool = False, **overrides: Any) -> CLIP:
-    """Build a zoo model with fresh weights, e.g. ``create_model("ViT-B-32", vocab_size=tok.vocab_size)``."""
+def get_model_config(name: str) -> CLIPConfig:
+    """A copy of the zoo entry ``name``; an unknown name is an error that suggests the closest one."""
     if name not in MODEL_CONFIGS:
         close = difflib.get_close_matches(name, MODEL_CONFIGS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown model {name!r}.{hint} Available: {', '.join(MODEL_CONFIGS)}")
+    return copy.deepcopy(MODEL_CONFIGS[name])
+
+
+def create_model(name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                 *, grad_checkpointing: bool = False, **overrides: Any) -> CLIP:
+    """Build a zoo model with fresh weights, e.g. ``create_model("ViT-B-32", vocab_size=tok.vocab_size)``."""
+    cfg = get_model_config(name)
     unknown = sorted(set(overrides) - set(_OVERRIDES))
     if unknown:
         raise ValueError(f"unknown model override(s) {unknown}; valid: {sorted(_OVERRIDES) + ['grad_checkpointing']}")
-    cfg = copy.deepcopy(MODEL_CONFIGS[name])
     parts = {part: {k: v for k, v in overrides.items() if _OVERRIDES[k] == part} for part in ("vision", "text", "model")}
     cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, **parts["vision"]),
                               text=dataclasses.replace(cfg.text, **parts["text"]), **parts["model"])
@@ -140,8 +145,12 @@ def create_model_from_config(cfg: CLIPConfig, device: str | torch.device | None 
     return model.to(dtype) if dtype is not None else model
 
 
-def config_from_openai_state_dict(state_dict: Mapping[str, torch.Tensor]) -> CLIPConfig:
-    """Recover the architecture from the shapes in an OpenAI (or OpenCLIP) checkpoint, as OpenAI's loader does."""
+def config_from_openai_state_dict(state_dict: Mapping[str, torch.Tensor], quick_gelu: bool = True) -> CLIPConfig:
+    """Recover the architecture from the shapes in an OpenAI (or OpenCLIP) checkpoint, as OpenAI's loader does.
+
+    Shapes cannot show the activation (OpenAI's is QuickGELU, the default) nor the head count, which is
+    taken as width / 64 as in every released model. The name is the zoo entry it equals, else "custom".
+    """
     sd = state_dict
     if "visual.proj" in sd:
         width, _, patch_size, _ = sd["visual.conv1.weight"].shape
@@ -158,13 +167,26 @@ def config_from_openai_state_dict(state_dict: Mapping[str, torch.Tensor]) -> CLI
         width=text_width, heads=text_width // 64,
         layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}))
     bias = sd.get("logit_bias")
-    return CLIPConfig(sd["text_projection"].shape[1], vision, text, quick_gelu=True,
-                      init_logit_bias=None if bias is None else float(bias), name="openai")
+    cfg = CLIPConfig(sd["text_projection"].shape[1], vision, text, quick_gelu=quick_gelu,
+                     init_logit_bias=None if bias is None else float(bias), name="custom")
+    zoo = (name for name, entry in MODEL_CONFIGS.items() if dataclasses.replace(entry, name=cfg.name) == cfg)
+    return dataclasses.replace(cfg, name=next(zoo, "custom"))
+
+
+def model_from_state_dict(cfg: CLIPConfig, state_dict: Mapping[str, torch.Tensor],
+                          device: str | torch.device | None = None) -> CLIP:
+    """A float32 ``cfg`` model made of ``state_dict``'s tensors (strict), for weights just read from a
+    file: it is built on the meta device and takes the tensors over (float32 ones are shared, not
+    copied), so no weights are initialised only to be overwritten."""
+    model = create_model_from_config(cfg, device="meta")
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=torch.float32)
 
 
 def load_openai_state_dict(state_dict: Mapping[str, torch.Tensor], device: str | torch.device | None = None) -> CLIP:
-    """A model built from an OpenAI checkpoint's state dict (e.g. ``torch.jit.load(path).state_dict()``)."""
-    model = create_model_from_config(config_from_openai_state_dict(state_dict), device)
+    """A model holding a copy of an OpenAI checkpoint's state dict (e.g. ``torch.jit.load(path).state_dict()``),
+    as the ``-quickgelu`` architecture: OpenAI's activation."""
+    model = create_model_from_config(config_from_openai_state_dict(state_dict, quick_gelu=True), device)
     model.load_state_dict(state_dict, strict=True)
     return model
 

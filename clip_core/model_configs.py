@@ -2,6 +2,9 @@
 
 The paper's entries are OpenAI's released models (Radford et al., 2021, tables 19-20), with the
 same numbers as OpenCLIP's ``model_configs/*.json``; their parameter counts are checked in the tests.
+Each comes under OpenCLIP's two names: the plain name (``ViT-B-32``) is the GELU architecture of
+OpenCLIP's LAION/DataComp weights, ``-quickgelu`` (``ViT-B-32-quickgelu``) the QuickGELU one OpenAI
+trained. The weights cannot tell them apart (same keys and shapes), so the name is what says which.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ class CLIPConfig:
     embed_dim: int = 512
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    quick_gelu: bool = True  # OpenAI trained with QuickGELU; nn.GELU is faster for training from scratch
+    quick_gelu: bool = False  # nn.GELU, as OpenCLIP's plain names; OpenAI trained with QuickGELU ("-quickgelu")
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None  # set (e.g. -10) to add SigLIP's learnable logit bias
     name: str = "custom"  # the zoo entry this config started from
@@ -106,25 +109,28 @@ def _vit(name: str, embed_dim: int, layers: int, width: int, patch_size: int, im
                       TextConfig(width=text_width, heads=text_width // 64), name=name)
 
 
+def _gelu_and_quickgelu(cfg: CLIPConfig) -> list[CLIPConfig]:
+    """OpenCLIP's pair of names for one architecture: ``name`` (GELU) and ``name-quickgelu``.
+    ModifiedResNet has no GELU, but the ResNet models' text tower does, so they come in pairs too."""
+    return [cfg, dataclasses.replace(cfg, quick_gelu=True, name=cfg.name + "-quickgelu")]
+
+
 MODEL_CONFIGS: dict[str, CLIPConfig] = {c.name: c for c in [
-    _resnet("RN50", 1024, (3, 4, 6, 3), 64, 224, 512),
-    _resnet("RN101", 512, (3, 4, 23, 3), 64, 224, 512),
-    _resnet("RN50x4", 640, (4, 6, 10, 6), 80, 288, 640),
-    _resnet("RN50x16", 768, (6, 8, 18, 8), 96, 384, 768),
-    _resnet("RN50x64", 1024, (3, 15, 36, 10), 128, 448, 1024),
-    _vit("ViT-B-32", 512, 12, 768, 32, 224, 512),
-    _vit("ViT-B-16", 512, 12, 768, 16, 224, 512),
-    _vit("ViT-L-14", 768, 24, 1024, 14, 224, 768),
-    _vit("ViT-L-14-336", 768, 24, 1024, 14, 336, 768),
+    *_gelu_and_quickgelu(_resnet("RN50", 1024, (3, 4, 6, 3), 64, 224, 512)),
+    *_gelu_and_quickgelu(_resnet("RN101", 512, (3, 4, 23, 3), 64, 224, 512)),
+    *_gelu_and_quickgelu(_resnet("RN50x4", 640, (4, 6, 10, 6), 80, 288, 640)),
+    *_gelu_and_quickgelu(_resnet("RN50x16", 768, (6, 8, 18, 8), 96, 384, 768)),
+    *_gelu_and_quickgelu(_resnet("RN50x64", 1024, (3, 15, 36, 10), 128, 448, 1024)),
+    *_gelu_and_quickgelu(_vit("ViT-B-32", 512, 12, 768, 32, 224, 512)),
+    *_gelu_and_quickgelu(_vit("ViT-B-16", 512, 12, 768, 16, 224, 512)),
+    *_gelu_and_quickgelu(_vit("ViT-L-14", 768, 24, 1024, 14, 224, 768)),
+    *_gelu_and_quickgelu(_vit("ViT-L-14-336", 768, 24, 1024, 14, 336, 768)),
     # Unit-test sizes (a few hundred thousand parameters; vocab_size is usually overridden by the tokenizer's).
     CLIPConfig(32, VisionConfig(32, 2, 64, 8, head_width=32),
-               TextConfig(context_length=16, vocab_size=1024, width=64, heads=2, layers=2),
-               quick_gelu=False, name="tiny-vit"),
+               TextConfig(context_length=16, vocab_size=1024, width=64, heads=2, layers=2), name="tiny-vit"),
     CLIPConfig(32, VisionConfig(64, (1, 1, 1, 1), 8, None, head_width=32),
-               TextConfig(context_length=16, vocab_size=1024, width=64, heads=2, layers=2),
-               quick_gelu=False, name="tiny-rn"),
+               TextConfig(context_length=16, vocab_size=1024, width=64, heads=2, layers=2), name="tiny-rn"),
     # The CPU demo: 64 px images, 32-token captions, a vocabulary learned from the sample captions.
     CLIPConfig(128, VisionConfig(64, 4, 192, 8),
-               TextConfig(context_length=32, vocab_size=1024, width=128, heads=2, layers=4),
-               quick_gelu=False, name="demo-vit"),
+               TextConfig(context_length=32, vocab_size=1024, width=128, heads=2, layers=4), name="demo-vit"),
 ]}

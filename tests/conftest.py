@@ -20,7 +20,8 @@ from typing import Iterator
 
 import pytest
 
-from workflows.local_services import LocalMlflowServer, free_port, local_dashboard, wait_http
+from workflows.common.runtime import free_port, local_dashboard
+from workflows.ops.local_mlflow import LocalMlflowServer, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

@@ -17,8 +17,8 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from clip_core import Tokenizer, create_model, load_templates, save_checkpoint
-from workflows import registry
-from workflows.config import Config, load_config
+from workflows.common.config import Config, load_config
+from workflows.tracking import registry
 
 from tiny_data import COLORS as TINY_COLORS
 
@@ -78,7 +78,7 @@ def unique_name(prefix: str) -> str:
 
 
 def training_run(client: MlflowClient) -> str:
-    from workflows.tracking import get_or_create_experiment
+    from workflows.tracking.client import get_or_create_experiment
 
     return client.create_run(get_or_create_experiment(client, "clipflow-tests"), run_name="train").info.run_id
 

@@ -22,8 +22,9 @@ from typing import Iterator
 
 import pytest
 
-from workflows.errors import UserError
-from workflows.local_services import free_port, wait_http
+from workflows.common.errors import UserError
+from workflows.common.runtime import free_port
+from workflows.ops.local_mlflow import wait_http
 
 BIN = Path(sys.executable).parent
 

@@ -1,4 +1,4 @@
-"""The speed levers (``workflows.acceleration``) change speed, not results, and the GPU benchmark runs
+"""The speed levers (``workflows.train.acceleration``) change speed, not results, and the GPU benchmark runs
 the trainer's own step (smoke-run here on CPU)."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch
 
 from clip_core import ClipLoss, create_model
 from clip_core.model import CLIP
-from workflows.acceleration import REGIONS, compile_for_training, use_channels_last, uses_cudagraphs
-from workflows.config import TrainConfig
-from workflows.optim import build_optimizer, build_scheduler, optimizer_step
+from workflows.common.config import TrainConfig
+from workflows.train.acceleration import REGIONS, compile_for_training, use_channels_last, uses_cudagraphs
+from workflows.train.optim import build_optimizer, build_scheduler, optimizer_step
 
 REPO = Path(__file__).resolve().parent.parent
 

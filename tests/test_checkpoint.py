@@ -1,8 +1,11 @@
-"""Checkpoint directories: exact round trip, atomic replace, hash verification, loadable without Ray."""
+"""Checkpoint directories: exact round trip, atomic replace, hash verification, no code run on load,
+loadable without Ray."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 import random
 import shutil
 import subprocess
@@ -13,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from clip_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from clip_core.checkpoint import (CONFIG_FILE, FORMAT_VERSION, MANIFEST, MODEL_FILE, TRAINER_STATE_FILE,
+                                  TRAINING_STATE_FILE, CheckpointError, load_checkpoint, save_checkpoint)
 from clip_core.model import CLIP, create_model
 from clip_core.tokenizer import Tokenizer
 
@@ -37,13 +41,19 @@ def model(tokenizer) -> CLIP:
 
 @pytest.fixture(scope="module")
 def training_state(model, tokenizer) -> dict:
-    """One real optimizer step, so the optimizer state holds tensors, plus RNG states."""
+    """The trainer's layout (optimizer, scheduler, per-rank RNG list, scaler) after one real optimizer step,
+    so the optimizer state holds tensors, plus numpy's and Python's RNG states in their native types."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 10))
     model(torch.randn(2, 3, 32, 32), tokenizer(["a cat", "a dog"]))[0].sum().backward()
     optimizer.step()
+    scheduler.step()
     optimizer.zero_grad()
-    return {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.default_rng(1).bit_generator.state}
+    return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": None,
+            "rng": [{"torch": torch.get_rng_state(), "cuda": None}],
+            "numpy_rng": np.random.default_rng(1).bit_generator.state,  # a dict of Python ints
+            "numpy_legacy_rng": np.random.RandomState(2).get_state(),  # a tuple holding a uint32 array
+            "python_rng": random.Random(3).getstate()}  # a tuple of ints
 
 
 @pytest.fixture
@@ -54,8 +64,8 @@ def saved(tmp_path, model, tokenizer, training_state) -> Path:
 
 def test_round_trip_is_exact(saved, model, tokenizer, training_state):
     assert sorted(p.name for p in saved.parent.iterdir()) == ["step-120"]  # no temp dirs left behind
-    assert {p.name for p in saved.iterdir()} == {"model.pt", "model_config.json", "tokenizer", "training_state.pt",
-                                                 "trainer_state.json", "checkpoint.json"}
+    assert {p.name for p in saved.iterdir()} == {"model.safetensors", "model_config.json", "tokenizer",
+                                                 "training_state.pt", "trainer_state.json", "checkpoint.json"}
     ckpt = load_checkpoint(saved)
     assert ckpt.path == saved and ckpt.trainer_state == TRAINER_STATE
     assert ckpt.model.config == model.config
@@ -63,16 +73,69 @@ def test_round_trip_is_exact(saved, model, tokenizer, training_state):
     assert original.keys() == loaded.keys()
     assert all(torch.equal(original[k], loaded[k]) for k in original)
     assert ckpt.tokenizer.id == tokenizer.id
-    loaded_state = ckpt.load_training_state()
-    assert loaded_state["numpy_rng"] == training_state["numpy_rng"]
-    assert torch.equal(loaded_state["torch_rng"], training_state["torch_rng"])
-    saved_moments, loaded_moments = training_state["optimizer"]["state"], loaded_state["optimizer"]["state"]
-    assert saved_moments and saved_moments.keys() == loaded_moments.keys()
-    assert all(torch.equal(loaded_moments[i]["exp_avg"], saved_moments[i]["exp_avg"]) for i in saved_moments)
     manifest = json.loads((saved / "checkpoint.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["tokenizer_id"] == tokenizer.id
-    assert set(manifest["files"]) == {"model.pt", "model_config.json", "training_state.pt", "trainer_state.json",
-                                      "tokenizer/merges.txt", "tokenizer/vocab.json", "tokenizer/tokenizer_config.json"}
+    assert manifest["format_version"] == FORMAT_VERSION == 2 and manifest["tokenizer_id"] == tokenizer.id
+    assert set(manifest["files"]) == {"model.safetensors", "model_config.json", "training_state.pt",
+                                      "trainer_state.json", "tokenizer/merges.txt", "tokenizer/vocab.json",
+                                      "tokenizer/tokenizer_config.json"}
+
+
+def assert_identical(loaded, saved, where: str = "training_state") -> None:
+    """Same Python types all the way down, tensors and arrays equal bit for bit."""
+    assert type(loaded) is type(saved), where
+    if isinstance(saved, dict):
+        assert loaded.keys() == saved.keys(), where
+        for key in saved:
+            assert_identical(loaded[key], saved[key], f"{where}[{key!r}]")
+    elif isinstance(saved, list | tuple):
+        assert len(loaded) == len(saved), where
+        for i, (a, b) in enumerate(zip(loaded, saved)):
+            assert_identical(a, b, f"{where}[{i}]")
+    elif isinstance(saved, torch.Tensor):
+        assert loaded.dtype == saved.dtype and torch.equal(loaded, saved), where
+    elif isinstance(saved, np.ndarray):
+        assert loaded.dtype == saved.dtype and np.array_equal(loaded, saved), where
+    else:
+        assert loaded == saved, where
+
+
+def test_training_state_round_trip_is_exact(saved, training_state):
+    """Optimizer and scheduler state and the torch, numpy and Python RNGs come back as saved, and the
+    restored generators continue with the same draws."""
+    loaded = load_checkpoint(saved).load_training_state()
+    assert training_state["optimizer"]["state"]
+    assert_identical(loaded, training_state)
+
+    torch.set_rng_state(loaded["rng"][0]["torch"])
+    resumed_torch = torch.rand(3)
+    torch.set_rng_state(training_state["rng"][0]["torch"])
+    assert torch.equal(resumed_torch, torch.rand(3))
+    legacy = np.random.RandomState()
+    legacy.set_state(loaded["numpy_legacy_rng"])
+    assert np.array_equal(legacy.rand(3), np.random.RandomState(2).rand(3))
+    generator = np.random.default_rng()
+    generator.bit_generator.state = loaded["numpy_rng"]
+    assert np.array_equal(generator.random(3), np.random.default_rng(1).random(3))
+    python = random.Random()
+    python.setstate(loaded["python_rng"])
+    original = random.Random(3)
+    assert [python.random() for _ in range(3)] == [original.random() for _ in range(3)]
+
+
+def test_numpy_values_of_every_shape_and_kind_round_trip(tmp_path, model, tokenizer):
+    state = {"empty": np.zeros((0, 3)), "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+             "scalar": np.float32(2.5), "int": np.int64(-7), "flags": np.array([True, False]),
+             "size": torch.Size([2, 3]), "nested": [(np.arange(3, dtype=np.uint8), {"x": 1.5})]}
+    saved = save_checkpoint(tmp_path / "c", model, tokenizer, training_state=state)
+    assert_identical(load_checkpoint(saved).load_training_state(), state)
+
+
+def test_training_state_that_cannot_load_without_pickle_is_refused_on_save(saved, model, tokenizer):
+    with pytest.raises(TypeError, match=r"training_state\['extra'\] is a object"):
+        save_checkpoint(saved, model, tokenizer, training_state={"extra": object()})
+    with pytest.raises(TypeError, match="numpy <U1"):
+        save_checkpoint(saved, model, tokenizer, training_state={"names": np.array(["a"])})
+    assert load_checkpoint(saved).trainer_state == TRAINER_STATE  # the previous checkpoint is intact
 
 
 def test_optional_parts_absent(tmp_path, model, tokenizer):
@@ -83,7 +146,7 @@ def test_optional_parts_absent(tmp_path, model, tokenizer):
 def test_save_replaces_existing_checkpoint(saved, model, tokenizer):
     save_checkpoint(saved, model, tokenizer, trainer_state={"step": 200})
     assert load_checkpoint(saved).trainer_state == {"step": 200}
-    assert not (saved / "training_state.pt").exists()  # nothing of the old checkpoint survives
+    assert not (saved / TRAINING_STATE_FILE).exists()  # nothing of the old checkpoint survives
     assert sorted(p.name for p in saved.parent.iterdir()) == ["step-120"]
 
 
@@ -95,15 +158,15 @@ def test_failed_save_leaves_previous_checkpoint_intact(saved, model, tokenizer):
 
 
 def test_flipped_byte_in_model_is_detected(saved):
-    weights = saved / "model.pt"
+    weights = saved / MODEL_FILE
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"model\.pt is corrupt"):
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt"):
         load_checkpoint(saved)
 
 
-@pytest.mark.parametrize("name", ["model.pt", "tokenizer/vocab.json", "checkpoint.json"])
+@pytest.mark.parametrize("name", [MODEL_FILE, "tokenizer/vocab.json", MANIFEST])
 def test_missing_file_is_named(saved, name):
     (saved / name).unlink()
     with pytest.raises(CheckpointError, match=name.replace(".", r"\.") + " is missing"):
@@ -136,3 +199,94 @@ def test_loads_without_ray_or_mlflow(saved):
 def test_checkpoint_copied_elsewhere_still_loads(saved, tmp_path):
     copy = shutil.copytree(saved, tmp_path / "elsewhere" / "ckpt")
     assert load_checkpoint(copy).trainer_state == TRAINER_STATE
+
+
+def test_channels_last_model_round_trips(tmp_path, tokenizer):
+    """The trainer puts ResNet towers in channels_last; safetensors needs row-major tensors."""
+    model = create_model("tiny-rn", vocab_size=tokenizer.vocab_size).to(memory_format=torch.channels_last)
+    ckpt = load_checkpoint(save_checkpoint(tmp_path / "rn", model, tokenizer))
+    assert all(torch.equal(ckpt.model.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+# --- tampering: the hashes are integrity, not authenticity ---------------------------------------------
+
+
+class Payload:
+    """Unpickling this runs code: it touches the file named in ``flag``."""
+
+    def __init__(self, flag: Path) -> None:
+        self.flag = flag
+
+    def __reduce__(self):
+        return (Path.touch, (self.flag,))
+
+
+def rehash(checkpoint: Path) -> None:
+    """What an attacker who can write the directory does after editing a file: make checkpoint.json agree."""
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    manifest["files"] = {name: hashlib.sha256((checkpoint / name).read_bytes()).hexdigest()
+                         for name in manifest["files"]}
+    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_pickle_payload_in_training_state_is_refused_and_never_runs(saved, tmp_path):
+    flag = tmp_path / "payload-ran"
+    pickle.loads(pickle.dumps(Payload(flag)))  # the payload does run when unpickled normally
+    assert flag.exists()
+    flag.unlink()
+    torch.save({"optimizer": Payload(flag)}, saved / TRAINING_STATE_FILE)
+    rehash(saved)
+    ckpt = load_checkpoint(saved)  # the hashes match: they cannot tell a tampered file from a real one
+    with pytest.raises(CheckpointError, match=r"training_state\.pt holds more than tensors"):
+        ckpt.load_training_state()
+    assert not flag.exists()
+
+
+def test_pickle_payload_as_model_weights_is_refused_and_never_runs(saved, tmp_path):
+    flag = tmp_path / "payload-ran"
+    torch.save({"visual.proj": Payload(flag)}, saved / MODEL_FILE)
+    rehash(saved)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a safetensors file"):
+        load_checkpoint(saved)
+    assert not flag.exists()
+
+
+@pytest.mark.parametrize("name", ["model.pt", "tokenizer/extra.json", ".hidden"])
+def test_unlisted_file_is_refused(saved, name):
+    (saved / name).write_bytes(b"anything")
+    with pytest.raises(CheckpointError, match=f"does not list: {name.replace('.', '[.]')}; .* tampering"):
+        load_checkpoint(saved)
+
+
+def test_listed_path_outside_the_checkpoint_is_refused(saved, tmp_path):
+    (tmp_path / "outside.json").write_text("{}")
+    manifest = json.loads((saved / MANIFEST).read_text())
+    manifest["files"]["../outside.json"] = hashlib.sha256(b"{}").hexdigest()
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"outside\.json is missing"):
+        load_checkpoint(saved)
+
+
+def test_format_1_checkpoint_is_refused_unread(saved):
+    """Format 1 kept the training state as a full pickle: it is refused before any file is opened."""
+    (saved / MODEL_FILE).rename(saved / "model.pt")
+    manifest = json.loads((saved / MANIFEST).read_text())
+    manifest["format_version"] = 1
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"written by an older clipflow \(checkpoint format 1\).*"
+                                              r"load_pretrained\('.*model\.pt', quick_gelu="):
+        load_checkpoint(saved)
+
+
+def test_newer_format_asks_for_an_upgrade(saved):
+    manifest = json.loads((saved / MANIFEST).read_text())
+    manifest["format_version"] = FORMAT_VERSION + 1
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="newer clipflow.*upgrade"):
+        load_checkpoint(saved)
+
+
+def test_file_names_are_constants():
+    """Other modules name checkpoint files through these constants only."""
+    assert (MODEL_FILE, CONFIG_FILE, TRAINING_STATE_FILE, TRAINER_STATE_FILE, MANIFEST) == (
+        "model.safetensors", "model_config.json", "training_state.pt", "trainer_state.json", "checkpoint.json")

@@ -10,13 +10,13 @@ import termios
 
 import pytest
 
-from workflows.cli import COMMANDS, build_parser, main
+from workflows.ops.cli import COMMANDS, build_parser, main
 
 STAGES = ["sample-data", "preprocess", "train", "eval", "demo", "submit", "k8s"]
 
 
 def test_help_lists_every_stage() -> None:
-    out = subprocess.run([sys.executable, "-m", "workflows.cli", "--help"],
+    out = subprocess.run([sys.executable, "-m", "workflows.ops.cli", "--help"],
                          capture_output=True, text=True, check=True).stdout
     for stage in STAGES:
         assert stage in out
@@ -40,7 +40,7 @@ SAMPLE = ["--set", "sample_data.train_samples=40", "--set", "sample_data.train_s
 
 
 def _sample_data(tmp_path, env: dict[str, str], stderr=subprocess.PIPE) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "workflows.cli", "sample-data", "--set", f"home={tmp_path}", *SAMPLE],
+    return subprocess.run([sys.executable, "-m", "workflows.ops.cli", "sample-data", "--set", f"home={tmp_path}", *SAMPLE],
                           env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=120)
 
 
@@ -89,7 +89,7 @@ def _required(command: str) -> list[str]:
 def test_readme_documents_every_exit_code() -> None:
     from pathlib import Path
 
-    from workflows import errors
+    from workflows.common import errors
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     codes = {value for name, value in vars(errors).items() if name.startswith("EXIT_")}

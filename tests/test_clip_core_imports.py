@@ -22,5 +22,6 @@ def test_imports_without_orchestration_packages() -> None:
 def test_public_interface_names() -> None:
     for name in clip_core.__all__:
         assert hasattr(clip_core, name), name
-    assert {"RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14",
-            "ViT-L-14-336"} <= set(clip_core.list_models())
+    paper = {"RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"}
+    assert paper | {f"{name}-quickgelu" for name in paper} <= set(clip_core.list_models())
+    assert callable(clip_core.load_pretrained)

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from workflows.accumulation import check_world_sizes
-from workflows.config import (RETRIEVAL_METRICS, ZEROSHOT_METRICS, ConfigError, dump_config, eval_metric_names,
-                              flatten_config, load_config)
+from workflows.common.config import (RETRIEVAL_METRICS, ZEROSHOT_METRICS, ConfigError, dump_config, eval_metric_names,
+                                     flatten_config, load_config)
+from workflows.train.accumulation import check_world_sizes
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,12 +13,14 @@ import torch
 from mlflow import MlflowClient
 
 from clip_core import Tokenizer, create_model, load_checkpoint
+from clip_core.checkpoint import MODEL_FILE
+from workflows.common.errors import UserError
+from workflows.data.eval_sets import embed_images_local, read_retrieval_set, retrieval_result, zero_shot_in_process
+from workflows.eval.job import run_eval
+from workflows.tracking import claims
+
 from mlflow_helpers import (make_checkpoint, make_config, make_eval_sets, publish, train_tokenizer, training_run,
                             unique_name)
-from workflows import registry
-from workflows.errors import UserError
-from workflows.evaluate import (embed_images_local, read_retrieval_set, retrieval_result, run_eval,
-                                zero_shot_in_process)
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.timeout(300)
@@ -117,8 +119,8 @@ def _artifact_file(server, mv, name: str) -> Path:
 def test_bad_versions_fail_with_reason_and_do_not_block_others(env):
     client, name = env["client"], unique_name("bad")
     good, corrupt, missing = _publish_all(env, name)
-    _artifact_file(env["server"], client.get_model_version(name, corrupt), "model.pt").write_bytes(b"garbage")
-    _artifact_file(env["server"], client.get_model_version(name, missing), "model.pt").unlink()
+    _artifact_file(env["server"], client.get_model_version(name, corrupt), MODEL_FILE).write_bytes(b"garbage")
+    _artifact_file(env["server"], client.get_model_version(name, missing), MODEL_FILE).unlink()
     cfg = _config(env, name)
 
     other = Tokenizer.train(["completely different words here"] * 20, vocab_size=530, context_length=16)
@@ -131,11 +133,11 @@ def test_bad_versions_fail_with_reason_and_do_not_block_others(env):
 
     results = {r["version"]: r for r in run_eval(cfg, pending=True)}
     assert results[good]["status"] == "done"
-    assert results[corrupt]["status"] == "failed" and "model.pt is corrupt" in results[corrupt]["reason"]
-    assert results[missing]["status"] == "failed" and "model.pt" in results[missing]["reason"]
+    assert results[corrupt]["status"] == "failed" and f"{MODEL_FILE} is corrupt" in results[corrupt]["reason"]
+    assert results[missing]["status"] == "failed" and MODEL_FILE in results[missing]["reason"]
     for version in (corrupt, missing):
         tags = client.get_model_version(name, version).tags
-        assert tags["eval_status"] == "failed" and "model.pt" in tags["eval_reason"]
+        assert tags["eval_status"] == "failed" and MODEL_FILE in tags["eval_reason"]
     assert run_eval(cfg, pending=True) == []  # nothing left pending
 
     with pytest.raises(UserError, match="does not exist"):
@@ -149,7 +151,7 @@ def test_two_concurrent_eval_jobs_evaluate_each_version_exactly_once(env):
 
     client, name = env["client"], unique_name("conc")
     versions = _publish_all(env, name)
-    command = [sys.executable, "-m", "workflows.cli", "eval", "--pending",
+    command = [sys.executable, "-m", "workflows.ops.cli", "eval", "--pending",
                "--set", f"home={env['root']}", "--set", f"mlflow.tracking_uri={env['server'].uri}",
                "--set", f"mlflow.registered_model={name}", "--set", "mlflow.experiment=clipflow-tests",
                "--set", f"eval.zeroshot=[{env['zeroshot']}]", "--set", f"eval.retrieval=[{env['retrieval']}]",
@@ -164,7 +166,7 @@ def test_two_concurrent_eval_jobs_evaluate_each_version_exactly_once(env):
     assert sorted(r.data.tags["clipflow.model_version"] for r in runs) == sorted(versions)  # once each
     for version in versions:
         assert client.get_model_version(name, version).tags["eval_status"] == "done"
-    won = [mv for mv in client.search_model_versions(f"name='{name}{registry.CLAIMS_SUFFIX}'")
+    won = [mv for mv in client.search_model_versions(f"name='{name}{claims.CLAIMS_SUFFIX}'")
            if mv.tags.get("target_version") != "promote" and mv.tags.get("outcome") in ("won", "released")]
     assert sorted(mv.tags["target_version"] for mv in won) == sorted(versions)
     assert sum(out.count(": claimed by") for out in outputs) == len(versions)

@@ -18,11 +18,11 @@ import pytest
 import ray
 import yaml
 
-from workflows import k8s_render
-from workflows.cli import COMMANDS, build_parser, main
-from workflows.config import load_config
-from workflows.errors import UserError
-from workflows.manifests import KUBERNETES_VERSION, gpus_of, load_documents, manifest_files, validate_manifest
+from workflows.common.config import load_config
+from workflows.common.errors import UserError
+from workflows.ops import k8s_render
+from workflows.ops.cli import COMMANDS, build_parser, main
+from workflows.ops.k8s_checks import KUBERNETES_VERSION, gpus_of, load_documents, manifest_files, validate_manifest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout these tests belong to
 K8S = PROJECT_ROOT / "k8s"

@@ -25,8 +25,8 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from workflows.cli import main
-from workflows.manifests import load_documents
+from workflows.ops.cli import main
+from workflows.ops.k8s_checks import load_documents
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 K8S = PROJECT_ROOT / "k8s"
@@ -414,7 +414,7 @@ def test_deployer_role_grants_every_verb_the_commands_use(kube: FakeKube) -> Non
 
 def test_k8s_commands_do_not_import_the_kubernetes_client_to_parse() -> None:
     """`clipflow k8s render` and `--help` stay fast: only talking to the API imports the client."""
-    code = ("import sys; from workflows.cli import build_parser; "
+    code = ("import sys; from workflows.ops.cli import build_parser; "
             "build_parser('k8s').parse_args(['k8s', 'status', '--config', 'c.yaml']); "
             "assert 'kubernetes' not in sys.modules, 'kubernetes imported'; "
             "build_parser('k8s').parse_args(['k8s', 'run', '--help'])")

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clip_core.loss import ClipLoss, SigLipLoss
-from workflows.local_services import free_port
+from workflows.common.runtime import free_port
 
 WORLD = 2
 LOCAL_BATCH = 4

@@ -12,15 +12,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import clip_core.transformer
-from clip_core.model import (
-    CLIPConfig,
-    config_from_openai_state_dict,
-    create_model,
-    create_model_from_config,
-    list_models,
-    load_openai_state_dict,
-    model_flops_per_sample,
-)
+from clip_core.model import (CLIPConfig, config_from_openai_state_dict, create_model, create_model_from_config,
+                             list_models, load_openai_state_dict, model_flops_per_sample)
 
 # Parameter counts of OpenAI's released checkpoints (logit_scale included, BatchNorm buffers not).
 RELEASED_PARAMS = {
@@ -35,6 +28,7 @@ RELEASED_PARAMS = {
     "ViT-L-14-336": 427_944_193,
 }
 SMALL = ["tiny-vit", "tiny-rn"]
+PAPER_NAMES = [n for name in RELEASED_PARAMS for n in (name, f"{name}-quickgelu")]  # GELU, QuickGELU
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -54,13 +48,14 @@ def inputs(model, n: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor
 
 
 def test_zoo_lists_the_paper_models_and_small_configs():
-    assert set(RELEASED_PARAMS) | {"tiny-vit", "tiny-rn", "demo-vit"} <= set(list_models())
+    assert set(PAPER_NAMES) | {"tiny-vit", "tiny-rn", "demo-vit"} <= set(list_models())
 
 
-@pytest.mark.parametrize("name", list(RELEASED_PARAMS))
+@pytest.mark.parametrize("name", PAPER_NAMES)
 def test_parameter_count_matches_released_model(name):
     model = create_model(name, device="meta")
-    assert n_params(model) == RELEASED_PARAMS[name]
+    assert n_params(model) == RELEASED_PARAMS[name.removesuffix("-quickgelu")]
+    assert model.config.name == name and model.config.quick_gelu == name.endswith("-quickgelu")
     assert model.config.text.context_length == 77 and model.config.text.vocab_size == 49408
     assert model.config.text.layers == 12
 
@@ -242,9 +237,10 @@ def test_config_round_trip_through_json():
 
 @pytest.mark.parametrize("name", list(RELEASED_PARAMS))
 def test_config_inferred_from_state_dict_shapes(name):
-    reference = create_model(name, device="meta").config
-    inferred = config_from_openai_state_dict(create_model(name, device="meta").state_dict())
-    assert (inferred.embed_dim, inferred.vision, inferred.text) == (reference.embed_dim, reference.vision, reference.text)
+    """OpenAI's weights are the -quickgelu architecture; GELU only when asked, since shapes cannot show it."""
+    state_dict = create_model(name, device="meta").state_dict()
+    assert config_from_openai_state_dict(state_dict) == create_model(f"{name}-quickgelu", device="meta").config
+    assert config_from_openai_state_dict(state_dict, quick_gelu=False) == create_model(name, device="meta").config
 
 
 def test_raw_openai_state_dict_loads():
@@ -254,6 +250,7 @@ def test_raw_openai_state_dict_loads():
     raw |= {"input_resolution": torch.tensor(64), "context_length": torch.tensor(16), "vocab_size": torch.tensor(1024)}
     loaded = load_openai_state_dict(raw)
     assert loaded.config.vision.layers == (1, 1, 1, 1) and loaded.config.text.context_length == 16
+    assert loaded.config.quick_gelu and loaded.config.name == "custom"  # no zoo entry has these sizes
     for key, value in loaded.state_dict().items():
         torch.testing.assert_close(value, raw[key].to(value.dtype), msg=key)
     create_model("tiny-rn").load_state_dict(raw, strict=True)

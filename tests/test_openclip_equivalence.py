@@ -8,6 +8,10 @@ freezing BatchNorm, which these tests never do). The ``openclip`` fixture theref
 ``__path__`` is the installed folder, so ``open_clip.model`` imports without running ``__init__``;
 both are removed again afterwards.
 
+Names: each paper model comes as OpenCLIP's pair, ``ViT-B-32`` (GELU) and ``ViT-B-32-quickgelu``
+(QuickGELU, OpenAI's), built here from OpenCLIP's own JSON of the same name. Both load each other's
+weights with ``strict=True`` -- which is why the names must mean the same as in OpenCLIP.
+
 Tolerance: embeddings must agree to 1e-5 in float32, measured as max |ours - OpenCLIP| divided by
 max |OpenCLIP| (the features are unnormalised, so the bound is relative to their scale); for the
 L2-normalised features, whose scale is 1, that is an absolute bound.
@@ -15,6 +19,7 @@ L2-normalised features, whose scale is 1, that is an absolute bound.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -30,12 +35,20 @@ import torch.nn.functional as F
 from clip_core.model import create_model, list_models
 
 PAPER_MODELS = ["RN50", "RN101", "RN50x4", "RN50x16", "RN50x64", "ViT-B-32", "ViT-B-16", "ViT-L-14", "ViT-L-14-336"]
+OPENCLIP_NAMES = [n for name in PAPER_MODELS for n in (name, f"{name}-quickgelu")]
 TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
 def openclip() -> Iterator[types.ModuleType]:
-    """OpenCLIP's ``open_clip.model`` module, imported without the package ``__init__``."""
+    with openclip_model_module() as module:
+        yield module
+
+
+@contextlib.contextmanager
+def openclip_model_module() -> Iterator[types.ModuleType]:
+    """OpenCLIP's ``open_clip.model`` module, imported without the package ``__init__`` (the fixture's
+    body, shared with test_pretrained)."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or spec.origin is None:
         pytest.fail("open_clip_torch is not installed: `pip install --no-deps open-clip-torch==3.3.0` (make install)")
@@ -66,11 +79,16 @@ def openclip() -> Iterator[types.ModuleType]:
                 sys.modules[name] = previous
 
 
-def openclip_model(openclip: types.ModuleType, name: str, device: str = "cpu") -> torch.nn.Module:
-    """OpenCLIP's CLIP: the paper models from OpenCLIP's own JSON configs, the small ones from ours."""
-    if name in PAPER_MODELS:
-        kwargs = json.loads((openclip.CONFIG_DIR / f"{name}.json").read_text())
-        kwargs["quick_gelu"] = True  # as OpenAI trained them (OpenCLIP's "-quickgelu" variants)
+def openclip_config(openclip: types.ModuleType, name: str) -> dict:
+    return json.loads((openclip.CONFIG_DIR / f"{name}.json").read_text())
+
+
+def openclip_model(openclip: types.ModuleType, name: str, device: str = "cpu",
+                   quick_gelu: bool | None = None) -> torch.nn.Module:
+    """OpenCLIP's CLIP: the paper models from OpenCLIP's own JSON config of that name, the small ones
+    from ours; ``quick_gelu`` overrides the activation (OpenCLIP's ``force_quick_gelu``, in both ways)."""
+    if name in OPENCLIP_NAMES:
+        kwargs = openclip_config(openclip, name)
     else:
         cfg = create_model(name, device="meta").config
         v, t = cfg.vision, cfg.text
@@ -82,6 +100,8 @@ def openclip_model(openclip: types.ModuleType, name: str, device: str = "cpu") -
             "text_cfg": {"context_length": t.context_length, "vocab_size": t.vocab_size, "width": t.width,
                          "heads": t.heads, "layers": t.layers, "mlp_ratio": t.mlp_ratio},
         }
+    if quick_gelu is not None:
+        kwargs["quick_gelu"] = quick_gelu
     with torch.device(device):
         return openclip.CLIP(**kwargs)
 
@@ -90,12 +110,27 @@ def shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("name", PAPER_MODELS)
-def test_state_dict_layout_matches_openclip(openclip, name):
+def activations(model: torch.nn.Module) -> dict[str, str]:
+    """The class of every transformer MLP's activation: what the weights cannot show."""
+    return {name: type(m).__name__ for name, m in model.named_modules() if name.endswith("mlp.gelu")}
+
+
+def test_zoo_has_every_openclip_name():
+    config_dir = Path(importlib.util.find_spec("open_clip").origin).parent / "model_configs"
+    assert set(OPENCLIP_NAMES) <= {p.stem for p in config_dir.iterdir()}  # OpenCLIP 3.3.0 ships each of them
+    assert set(OPENCLIP_NAMES) <= set(list_models())
+
+
+@pytest.mark.parametrize("name", OPENCLIP_NAMES)
+def test_state_dict_layout_and_activation_match_openclip(openclip, name):
     ours = create_model(name, device="meta")
     theirs = openclip_model(openclip, name, device="meta")
     assert shapes(ours) == shapes(theirs)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    quick_gelu = openclip_config(openclip, name).get("quick_gelu", False)
+    assert ours.config.quick_gelu == quick_gelu == name.endswith("-quickgelu")
+    assert activations(ours) == activations(theirs)
+    assert set(activations(ours).values()) == {"QuickGELU" if ours.config.quick_gelu else "GELU"}
 
 
 def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
@@ -117,7 +152,7 @@ def assert_same_embeddings(ours: torch.nn.Module, theirs: torch.nn.Module) -> No
             assert (F.normalize(mine, dim=-1) - F.normalize(reference, dim=-1)).abs().max() < TOLERANCE, encode
 
 
-@pytest.mark.parametrize("name", ["ViT-B-32", "RN50", "tiny-vit", "tiny-rn"])
+@pytest.mark.parametrize("name", ["ViT-B-32", "ViT-B-32-quickgelu", "RN50-quickgelu", "tiny-vit", "tiny-rn"])
 def test_embeddings_match_openclip_both_ways(openclip, name):
     torch.manual_seed(0)
     theirs = openclip_model(openclip, name)
@@ -136,3 +171,14 @@ def test_small_configs_match_openclip_layout(openclip):
     """The small configs use only hyper-parameters OpenCLIP also has, so their weights port both ways."""
     for name in sorted(set(list_models()) - set(PAPER_MODELS)):
         assert shapes(create_model(name, device="meta")) == shapes(openclip_model(openclip, name, "meta")), name
+
+
+def test_weights_load_strictly_into_the_other_activation_but_compute_other_embeddings(openclip):
+    """The bug the names guard against: GELU weights fit a QuickGELU model key for key."""
+    torch.manual_seed(0)
+    theirs = openclip_model(openclip, "tiny-vit").eval()  # GELU
+    wrong = create_model("tiny-vit", quick_gelu=True).eval()
+    wrong.load_state_dict(theirs.state_dict(), strict=True)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert relative_error(wrong.encode_image(images), theirs.encode_image(images)) > 1e-3

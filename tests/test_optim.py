@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from clip_core import ClipLoss, SigLipLoss, create_model
-from workflows.accumulation import accumulate_gradients, check_world_sizes, plan_batches
-from workflows.config import TrainConfig
-from workflows.errors import UserError
-from workflows.optim import build_optimizer, build_scheduler, param_groups, warmup_cosine
-from workflows.throughput import measure_cpu_peak_flops, mfu, peak_flops, peak_memory_bytes
+from workflows.common.config import TrainConfig
+from workflows.common.errors import UserError
+from workflows.train.accumulation import accumulate_gradients, check_world_sizes, plan_batches
+from workflows.train.optim import build_optimizer, build_scheduler, param_groups, warmup_cosine
+from workflows.train.throughput import measure_cpu_peak_flops, mfu, peak_flops, peak_memory_bytes
 
 
 def test_weight_decay_only_on_weight_matrices():

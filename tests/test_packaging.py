@@ -25,12 +25,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflows import project
-from workflows.cli import COMMANDS, build_parser, main
-from workflows.errors import UserError
-from workflows.local_services import free_port
-from workflows.manifests import load_documents, validate_manifest
-from workflows.project import project_root
+from workflows.common.errors import UserError
+from workflows.common.runtime import free_port
+from workflows.ops import project
+from workflows.ops.cli import COMMANDS, build_parser, main
+from workflows.ops.k8s_checks import load_documents, validate_manifest
+from workflows.ops.project import project_root
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRST_PARTY = ("clip_core", "workflows")  # the packages pyproject.toml ships: the runtime code

@@ -17,14 +17,14 @@ import pytest
 from PIL import Image
 
 from clip_core.tokenizer import Tokenizer
-from workflows import storage
-from workflows.cli import main as cli_main
-from workflows.config import Config, ConfigError, load_config
-from workflows.errors import UserError
-from workflows.filters import clean_caption, process_image
-from workflows.preprocess import run_preprocess
-from workflows.readers import Source, read_source
-from workflows.sample_data import generate_sample_data
+from workflows.common import storage
+from workflows.common.config import Config, ConfigError, load_config
+from workflows.common.errors import UserError
+from workflows.data.filters import clean_caption, process_image
+from workflows.data.preprocess import run_preprocess
+from workflows.data.readers import Source, read_source
+from workflows.data.sample_data import generate_sample_data
+from workflows.ops.cli import main as cli_main
 
 pytestmark = pytest.mark.timeout(180)
 SMALL = ["sample_data.train_samples=40", "sample_data.train_shards=2", "sample_data.image_size=48",

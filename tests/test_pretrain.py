@@ -21,13 +21,13 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from clip_core import ClipLoss, Tokenizer, load_checkpoint, normalize, save_checkpoint
-from workflows import train_loop
-from workflows.config import load_config
-from workflows.errors import UserError
-from workflows.pretrain import prepare_run, run_training
-from workflows.tracking import tracking_uri
-from workflows.train_data import BLOCK_ORDER, ROW_ORDER, DataOrder, Shard, _padded, load_units, seeded
-from workflows.train_loop import TrainDebug, build_model, to_device
+from workflows.common.config import load_config
+from workflows.common.errors import UserError
+from workflows.tracking.client import TrainingTracking, tracking_uri
+from workflows.train import loop as train_loop
+from workflows.train.driver import prepare_run, run_training
+from workflows.train.feed import BLOCK_ORDER, ROW_ORDER, DataOrder, Shard, _padded, load_units, seeded
+from workflows.train.loop import TrainDebug, build_model, to_device
 
 from tiny_data import COLORS, CONTEXT, ROWS, SHARDS, SIZE, shape_jpeg
 
@@ -242,7 +242,8 @@ def test_two_workers_survive_a_killed_worker_with_exact_resume(ray_runtime, trai
             (zeroshot / color / f"{n}.jpg").write_bytes(shape_jpeg(COLORS[color], "square", rng))
     cfg = _cfg(train_data, tmp_path, f"storage.path={tmp_path / 'runs'}", "mlflow.publish_every=3",
                f"eval.zeroshot=[{zeroshot}]", "train.zero_shot_every=9")
-    result = run_training(cfg, TrainDebug(ledger_dir=str(ledger_dir), fail_at_step=7, fail_rank=1, fail_after_s=5))
+    result = run_training(cfg, TrainDebug(ledger_dir=str(ledger_dir), fail_at_step=7, fail_rank=1, fail_after_s=5),
+                          TrainingTracking.for_config(cfg))
 
     assert (ledger_dir / "failed-at-7").exists()  # rank 1 really died after step 7
     assert (result.steps, result.samples_seen) == (18, 18 * 16)
@@ -297,14 +298,14 @@ def test_s3_checkpoints_and_resume_at_another_world_size(ray_runtime, s3_server,
               "train.checkpoint_every=2", "mlflow.publish_every=100",  # only final checkpoints are registered
               "train.micro_batch_size=4"]  # feature-cached accumulation: 2 (2 workers) or 4 (1 worker) micro-batches
     data = f"s3://{bucket}/data"
-    first = run_training(_cfg(data, tmp_path, *common, "train.max_steps=8"), TrainDebug(ledger_dir=str(ledger_dir)))
+    first_cfg = _cfg(data, tmp_path, *common, "train.max_steps=8")
+    first = run_training(first_cfg, TrainDebug(ledger_dir=str(ledger_dir)), TrainingTracking.for_config(first_cfg))
     assert first.checkpoint_uri.startswith(f"s3://{bucket}/runs/") and first.world_size == 2
-    second = run_training(
-        _cfg(data, tmp_path, *common, "train.max_steps=10", f"train.resume_from={first.checkpoint_uri}",
-             "scaling.min_workers=1", "scaling.max_workers=1",
-             "model.compile=regional",  # a checkpoint of an eager run resumes compiled: same state dict
-             "train.augment_on=device"),  # the same seeded crops, cut by the trainer: the same samples per step
-        TrainDebug(ledger_dir=str(ledger_dir)))
+    second_cfg = _cfg(data, tmp_path, *common, "train.max_steps=10", f"train.resume_from={first.checkpoint_uri}",
+                      "scaling.min_workers=1", "scaling.max_workers=1",
+                      "model.compile=regional",  # a checkpoint of an eager run resumes compiled: same state dict
+                      "train.augment_on=device")  # the same seeded crops, cut by the trainer: same samples per step
+    second = run_training(second_cfg, TrainDebug(ledger_dir=str(ledger_dir)), TrainingTracking.for_config(second_cfg))
     assert (second.steps, second.samples_seen, second.world_size) == (10, 160, 1)
     assert second.final_loss < 0.8 * math.log(16)  # below chance for a batch of 16 pairs
 

@@ -12,10 +12,11 @@ import torch
 from mlflow import MlflowClient
 
 from clip_core import build_zero_shot_classifier, load_checkpoint, load_templates
+from clip_core.embed import embed_images, embed_texts, images_to_tensor
+from workflows.common.errors import UserError
+from workflows.tracking import claims, registry
+
 from mlflow_helpers import COLORS, jpeg, make_checkpoint, publish, train_tokenizer, training_run, unique_name
-from workflows import registry
-from workflows.errors import UserError
-from workflows.serving import embed_images, embed_texts, images_to_tensor
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def test_expired_lease_is_reclaimed(env):
     assert registry.claim_version(client, name, version, "early-job", 60) is None  # lease still live
     # The claimant dies: it stops renewing, and its lease runs out (written as time having passed,
     # so the test does not depend on how fast a loaded CI machine answers).
-    past = registry.lease_until(-1)
+    past = claims.lease_until(-1)
     client.set_model_version_tag(dead.lock_model, dead.number, "lease_expiry", past)
     client.set_model_version_tag(name, version, registry.LEASE, past)
     assert registry.claimable(client.get_model_version(name, version))

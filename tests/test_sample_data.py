@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from workflows.config import ConfigError, SampleDataConfig
-from workflows.sample_data import BAD_REASONS, generate_sample_data
+from workflows.common.config import ConfigError, SampleDataConfig
+from workflows.data.sample_data import BAD_REASONS, generate_sample_data
 
 
 def _small(out: Path, **kw) -> SampleDataConfig:
@@ -87,8 +87,8 @@ def test_captions_support_the_default_vocabulary() -> None:
     import numpy as np
 
     from clip_core.tokenizer import Tokenizer
-    from workflows.config import Config
-    from workflows.sample_data import caption, random_scene, render
+    from workflows.common.config import Config
+    from workflows.data.sample_data import caption, random_scene, render
 
     rng = np.random.default_rng(0)
     captions = []

@@ -1,4 +1,4 @@
-"""workflows.storage on local paths and on a real S3-compatible server (moto) on loopback."""
+"""workflows.common.storage on local paths and on a real S3-compatible server (moto) on loopback."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from workflows import storage
+from workflows.common import storage
 
 
 def test_local_roundtrip_glob_and_delete(tmp_path: Path) -> None:

@@ -17,13 +17,14 @@ import pytest
 from mlflow import MlflowClient
 
 from clip_core import load_checkpoint
-from workflows.cli import build_parser, main
-from workflows.config import load_config
-from workflows.errors import UserError
-from workflows.local_services import free_port
-from workflows.submit import EXCLUDES, build_request
+from workflows.common.config import load_config
+from workflows.common.errors import UserError
+from workflows.common.runtime import free_port
+from workflows.ops.cli import build_parser, main
+from workflows.ops.submit import EXCLUDES, build_request
 
-from ray_head import RayHead, ray_head as start_ray_head
+from ray_head import RayHead
+from ray_head import ray_head as start_ray_head
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout these tests belong to (and run from)
 CONFIG = PROJECT_ROOT / "configs" / "demo.yaml"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workflows import throughput
+from workflows.train import throughput
 
 
 @pytest.mark.parametrize("device_name, fragment", [

@@ -15,10 +15,10 @@ import pytest
 from mlflow import MlflowClient
 
 from clip_core import Tokenizer, create_model, save_checkpoint
-from workflows.config import load_config
-from workflows.errors import UserError
-from workflows.local_services import free_port
-from workflows.tracking import Tracker, tracking_uri
+from workflows.common.config import load_config
+from workflows.common.errors import UserError
+from workflows.common.runtime import free_port
+from workflows.tracking.client import Tracker, tracking_uri
 
 WORDS = ["red", "green", "blue", "circle", "square", "photo", "of", "a", "the", "small"]
 
@@ -37,6 +37,7 @@ def home(tmp_path: Path, tokenizer: Tokenizer) -> Path:
     tokenizer.save(data / "tokenizer")
     (data / "manifest.json").write_text(json.dumps({"version": 1, "tokenizer": tokenizer.id,
                                                     "tokenizer_path": "tokenizer", "content_hash": "abc123",
+                                                    "context_length": 16, "image_size": 32, "shards": [],
                                                     "counts": {"input": 3, "written": 3, "duplicates": 0,
                                                                "rejected": {}}}))
     return tmp_path
@@ -165,7 +166,7 @@ def test_checkpoint_deleted_before_publication_is_dropped_and_later_ones_still_r
         caplog: pytest.LogCaptureFixture) -> None:
     """Ray deletes old checkpoints (train.keep_checkpoints), possibly while one is being published: that
     publication is dropped with a warning instead of blocking the queue as an outage."""
-    from workflows import registry
+    from workflows.tracking import registry
 
     real = registry.publish_checkpoint
 

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from clip_core.transforms import (OPENAI_MEAN, OPENAI_STD, ImageDecodeError, decode_image, normalize,
-                                  random_resized_crop, random_resized_crop_box, resize_center_crop,
-                                  resize_keep_aspect, resized_crops, to_uint8_chw)
+                                  random_resized_crop, random_resized_crop_box, resize_center_crop, resize_keep_aspect,
+                                  resized_crops, to_uint8_chw)
 
 
 def _smooth_image(width: int, height: int) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Regenerate the vendored KubeRay v1 schemas (``workflows/kuberay_schemas/*.json``) from the published CRDs.
+"""Regenerate the vendored KubeRay v1 schemas (``workflows/ops/kuberay_schemas/*.json``) from the published CRDs.
 
 The CRDs are large (~3 MB of YAML); the tests need only each kind's ``openAPIV3Schema`` for the
 served ``v1`` version. Descriptions are dropped (they are most of the bytes) and everything that
@@ -20,7 +20,7 @@ import yaml
 
 KINDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
          "RayCronJob": "ray.io_raycronjobs.yaml"}
-OUT = Path(__file__).resolve().parents[2] / "workflows" / "kuberay_schemas"
+OUT = Path(__file__).resolve().parents[2] / "workflows" / "ops" / "kuberay_schemas"
 
 
 def strip_descriptions(node: Any) -> Any:

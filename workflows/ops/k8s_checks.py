@@ -1,0 +1,240 @@
+"""Offline checks for the Kubernetes manifests: what `kubectl apply` and the KubeRay operator would reject.
+
+No API server runs in CI, so manifests are validated against schemas instead:
+
+- core kinds (Deployment, CronJob, Secret, RBAC, ...) against the pinned Kubernetes release's schema
+  (`kubernetes-validate`, strict: unknown fields are errors, as with `kubectl apply --validate=strict`).
+  It bundles the schemas of many Kubernetes releases (~100 MB), so it is a dev dependency, imported only
+  when a core kind is validated: `clipflow k8s render` writes KubeRay kinds only;
+- KubeRay kinds (RayCluster, RayJob, RayCronJob) against the v1 CRDs' openAPIV3Schema vendored in
+  ``workflows/ops/kuberay_schemas/`` (package data, so any install validates) — made strict the same way,
+  since the API server's field validation rejects fields a structural schema does not declare;
+- semantic rules the schemas cannot express but the operator or this project relies on (the head runs
+  no training, worker ranges are ordered, every container declares requests and limits, ...).
+
+Every check returns a list of readable errors (``where: what``) so one run reports all of them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+import jsonschema
+import yaml
+
+from workflows.common.errors import UserError
+from workflows.ops.project import project_root
+
+KUBERNETES_VERSION = "1.32.0"  # oldest Kubernetes minor still supported upstream when this was pinned
+KUBERAY_KINDS = ("RayCluster", "RayJob", "RayCronJob")
+# RayJob.spec.submissionMode is a free string in the CRD; the operator accepts only these.
+SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
+
+
+def load_documents(path: str | Path) -> list[dict[str, Any]]:
+    """All non-empty YAML documents of a manifest file."""
+    return [doc for doc in yaml.safe_load_all(Path(path).read_text()) if doc]
+
+
+@functools.cache
+def kuberay_schema(kind: str) -> dict[str, Any]:
+    """The vendored CRD schema for ``kind``, with undeclared fields made errors."""
+    path = resources.files("workflows.ops").joinpath("kuberay_schemas", f"{kind.lower()}.json")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing; regenerate with k8s/schemas/vendor_kuberay.py")
+    schema = json.loads(path.read_text())
+    schema.pop("$comment", None)
+    return _strict(schema)
+
+
+def _strict(node: Any) -> Any:
+    """Objects with declared properties accept no others, unless marked to preserve unknown fields."""
+    if isinstance(node, list):
+        return [_strict(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _strict(v) for k, v in node.items()}
+    if ("properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def validate_manifest(doc: dict[str, Any], where: str = "") -> list[str]:
+    """Schema errors plus semantic errors for one manifest document."""
+    where = where or f"{doc.get('kind', '?')}/{doc.get('metadata', {}).get('name', '?')}"
+    kind = doc.get("kind")
+    if str(doc.get("apiVersion", "")).startswith("ray.io/"):
+        if doc["apiVersion"] != "ray.io/v1" or kind not in KUBERAY_KINDS:
+            return [f"{where}: unsupported KubeRay kind {doc.get('apiVersion')}/{kind}"]
+        errors = _schema_errors(kuberay_schema(kind), doc, where)
+        if errors:  # the semantic rules below assume well-typed input
+            return errors
+        if kind == "RayCluster":
+            errors += check_ray_cluster_spec(doc.get("spec", {}), f"{where}.spec")
+        elif kind == "RayJob":
+            errors += check_ray_job_spec(doc.get("spec", {}), f"{where}.spec")
+        else:
+            errors += check_ray_job_spec(doc.get("spec", {}).get("jobTemplate", {}), f"{where}.spec.jobTemplate")
+        return errors
+    errors = _core_errors(doc, where)
+    if errors:
+        return errors
+    for path, pod in pod_specs(doc):
+        errors += check_pod_spec(pod, f"{where}.{path}")
+    return errors
+
+
+def _schema_errors(schema: dict[str, Any], doc: dict[str, Any], where: str) -> list[str]:
+    validator = jsonschema.Draft202012Validator(schema)
+    return [f"{where}: {'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+            for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))]
+
+
+def _core_errors(doc: dict[str, Any], where: str) -> list[str]:
+    try:
+        import kubernetes_validate
+    except ImportError:
+        raise UserError(f"{where}: validating core Kubernetes kinds needs kubernetes-validate: "
+                        "pip install 'clipflow[dev]'") from None
+    try:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        path = ".".join(map(str, exc.path)) or "<root>"
+        return [f"{where}: {path}: {exc.message}"]
+    except kubernetes_validate.SchemaNotFoundError as exc:
+        return [f"{where}: no Kubernetes {KUBERNETES_VERSION} schema: {exc.message}"]
+    return []
+
+
+def pod_specs(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path, PodSpec) for every pod template a core workload creates."""
+    spec = doc.get("spec", {})
+    kind = doc.get("kind")
+    if kind in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+        yield "spec.template.spec", spec.get("template", {}).get("spec", {})
+    elif kind == "CronJob":
+        yield ("spec.jobTemplate.spec.template.spec",
+               spec.get("jobTemplate", {}).get("spec", {}).get("template", {}).get("spec", {}))
+    elif kind == "Pod":
+        yield "spec", spec
+
+
+def check_pod_spec(pod: dict[str, Any], where: str, read_only_root: bool = True) -> list[str]:
+    """Requests and limits everywhere; non-root; no privilege escalation; read-only root where asked."""
+    errors = []
+    pod_ctx = pod.get("securityContext", {})
+    for group in ("initContainers", "containers"):
+        for i, c in enumerate(pod.get(group, [])):
+            at = f"{where}.{group}[{i}]({c.get('name')})"
+            res = c.get("resources", {})
+            for section in ("requests", "limits"):
+                for resource in ("cpu", "memory"):
+                    if resource not in res.get(section, {}):
+                        errors.append(f"{at}: resources.{section}.{resource} is not set")
+            ctx = c.get("securityContext", {})
+            if not (ctx.get("runAsNonRoot") or pod_ctx.get("runAsNonRoot")):
+                errors.append(f"{at}: runAsNonRoot is not true")
+            seccomp = ctx.get("seccompProfile") or pod_ctx.get("seccompProfile") or {}
+            if seccomp.get("type") != "RuntimeDefault":
+                errors.append(f"{at}: seccompProfile.type must be RuntimeDefault (pod or container)")
+            if ctx.get("allowPrivilegeEscalation") is not False:
+                errors.append(f"{at}: securityContext.allowPrivilegeEscalation must be false")
+            if "ALL" not in ctx.get("capabilities", {}).get("drop", []):
+                errors.append(f"{at}: securityContext.capabilities.drop must include ALL")
+            if read_only_root and ctx.get("readOnlyRootFilesystem") is not True:
+                errors.append(f"{at}: securityContext.readOnlyRootFilesystem must be true")
+    return errors
+
+
+def ray_groups(spec: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(path, group) for the head group and every worker group of a RayClusterSpec."""
+    yield "headGroupSpec", spec.get("headGroupSpec", {})
+    for i, group in enumerate(spec.get("workerGroupSpecs", [])):
+        yield f"workerGroupSpecs[{i}]({group.get('groupName')})", group
+
+
+def gpus_of(group: dict[str, Any]) -> int:
+    """GPUs one pod of the group asks for (``nvidia.com/gpu`` limits of its containers)."""
+    containers = group.get("template", {}).get("spec", {}).get("containers", [])
+    return sum(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)) for c in containers)
+
+
+def check_ray_cluster_spec(spec: dict[str, Any], where: str) -> list[str]:
+    """What the operator and this project need beyond the schema."""
+    errors = []
+    if spec.get("enableInTreeAutoscaling") is not True:
+        errors.append(f"{where}.enableInTreeAutoscaling must be true (worker groups autoscale)")
+    head = spec.get("headGroupSpec", {})
+    params = head.get("rayStartParams", {})
+    if params.get("num-gpus") != "0" or gpus_of(head):
+        errors.append(f"{where}.headGroupSpec: the head must have no GPUs (rayStartParams num-gpus: \"0\", "
+                      "no nvidia.com/gpu) so no training is scheduled on it")
+    if params.get("num-cpus") != "0":
+        errors.append(f"{where}.headGroupSpec: rayStartParams num-cpus must be \"0\" so no tasks land on the head")
+    names = [g.get("groupName") for g in spec.get("workerGroupSpecs", [])]
+    if len(names) != len(set(names)):
+        errors.append(f"{where}.workerGroupSpecs: duplicate groupName in {names}")
+    for path, group in ray_groups(spec):
+        at = f"{where}.{path}"
+        if path != "headGroupSpec":
+            low, high = group.get("minReplicas", 0), group.get("maxReplicas", 0)
+            replicas = group.get("replicas", low)
+            if not 0 <= low <= replicas <= high:
+                errors.append(f"{at}: need 0 <= minReplicas ({low}) <= replicas ({replicas}) <= maxReplicas ({high})")
+        pod = group.get("template", {}).get("spec", {})
+        # Ray writes its session, spill and runtime-env files next to the image's Python under /home/ray
+        # and /tmp, so Ray pods keep a writable root filesystem; everything else is still enforced.
+        errors += check_pod_spec(pod, f"{at}.template.spec", read_only_root=False)
+        errors += _check_shm(pod, at)
+        for gpu_container in pod.get("containers", []):
+            res = gpu_container.get("resources", {})
+            if res.get("limits", {}).get("nvidia.com/gpu") != res.get("requests", {}).get("nvidia.com/gpu"):
+                errors.append(f"{at}: nvidia.com/gpu requests and limits must be equal")
+    return errors
+
+
+def _check_shm(pod: dict[str, Any], where: str) -> list[str]:
+    """/dev/shm must be a memory-backed emptyDir with a size (object store + NCCL need more than 64 MB)."""
+    shm_volumes = {v["name"] for v in pod.get("volumes", [])
+                   if v.get("emptyDir", {}).get("medium") == "Memory" and v["emptyDir"].get("sizeLimit")}
+    ray_container = (pod.get("containers") or [{}])[0]
+    mounts = {m.get("name") for m in ray_container.get("volumeMounts", []) if m.get("mountPath") == "/dev/shm"}
+    if not mounts & shm_volumes:
+        return [f"{where}: mount a sized emptyDir (medium: Memory) at /dev/shm in the Ray container"]
+    return []
+
+
+def check_ray_job_spec(spec: dict[str, Any], where: str) -> list[str]:
+    errors = []
+    mode = spec.get("submissionMode", "K8sJobMode")
+    if mode not in SUBMISSION_MODES:
+        errors.append(f"{where}.submissionMode: {mode!r} is not one of {list(SUBMISSION_MODES)}")
+    has_spec, has_selector = bool(spec.get("rayClusterSpec")), bool(spec.get("clusterSelector"))
+    if has_spec == has_selector:
+        errors.append(f"{where}: set exactly one of rayClusterSpec and clusterSelector")
+    if has_spec:
+        errors += check_ray_cluster_spec(spec["rayClusterSpec"], f"{where}.rayClusterSpec")
+    if not spec.get("shutdownAfterJobFinishes") and (spec.get("ttlSecondsAfterFinished") or spec.get("suspend")):
+        errors.append(f"{where}: ttlSecondsAfterFinished and suspend need shutdownAfterJobFinishes: true")
+    if not str(spec.get("entrypoint", "")).strip():
+        errors.append(f"{where}.entrypoint: empty")
+    submitter = spec.get("submitterPodTemplate", {}).get("spec")
+    if mode == "K8sJobMode" and submitter is not None:
+        errors += check_pod_spec(submitter, f"{where}.submitterPodTemplate.spec", read_only_root=False)
+    return errors
+
+
+# YAML under k8s/ that holds no Kubernetes object: kustomize's input and the KubeRay operator's Helm values.
+NOT_OBJECTS = ("kustomization.yaml", "kuberay-operator-values.yaml")
+
+
+def manifest_files(root: Path | None = None) -> list[Path]:
+    """Every Kubernetes object the checkout ships: ray_cluster.yaml and k8s/**.yaml but NOT_OBJECTS."""
+    root = root or project_root()
+    return [root / "ray_cluster.yaml",
+            *sorted(p for p in (root / "k8s").rglob("*.yaml") if p.name not in NOT_OBJECTS)]

@@ -1,0 +1,172 @@
+"""`clipflow submit`: run one stage on a Ray cluster through the Ray Job Submission API.
+
+The job runs the same ``clipflow <stage> --config ...`` command a local user runs, in a copy of this
+project uploaded as the job's working directory (so the cluster runs the code and configs you have
+here, without rebuilding the image). ``--wait`` streams the job's logs and exits with its result.
+
+    kubectl -n clipflow port-forward svc/clipflow-head-svc 8265:8265 &
+    clipflow submit --address http://127.0.0.1:8265 --config configs/vit_b32_laion400m.yaml --stage train --wait
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workflows.common.config import Config
+from workflows.common.errors import EXIT_FAILED, EXIT_OK, UserError
+from workflows.ops.k8s_render import project_relative, stage_command
+from workflows.ops.project import project_root
+
+SUBMITTABLE = ("sample-data", "preprocess", "train", "eval")
+# Never uploaded: environments, local stores, VCS data and build leftovers (Ray also honours .gitignore).
+EXCLUDES = [".venv", ".clipflow", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", "build", "dist"]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+PATHS_ARE_REMOTE = True  # the job loads the config on the cluster, where its relative paths resolve
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS"),
+                        help="Ray dashboard / job server URL, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
+    parser.add_argument("--stage", choices=SUBMITTABLE, default="train", help="stage to run (default: train)")
+    parser.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its result")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="with --wait: give up waiting (the job keeps running) after this long")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for the job, e.g. MLFLOW_TRACKING_URI=http://mlflow:5000")
+    parser.add_argument("--submission-id", default=None, help="job id to use (default: clipflow-<run>-<stage>-<time>)")
+    eval_group = parser.add_argument_group("eval options (with --stage eval)")
+    which = eval_group.add_mutually_exclusive_group()
+    which.add_argument("--pending", action="store_true", help="evaluate every version waiting for eval")
+    which.add_argument("--version", default=None, help="evaluate this model version")
+    which.add_argument("--alias", default=None, help="evaluate the version behind this alias")
+
+
+@dataclass
+class JobRequest:
+    """What is sent to the job server; built separately so it can be inspected without a cluster."""
+
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    submission_id: str
+    metadata: dict[str, str]
+
+
+def build_request(cfg: Config, args: argparse.Namespace) -> JobRequest:
+    """The job for ``args.stage``; its working dir is the checkout you run from, uploaded as it is."""
+    root = project_root()
+    extra = _eval_args(args)
+    config = project_relative(args.config)
+    entrypoint = shlex.join(["clipflow", *stage_command(args.stage, config, args.overrides, extra)])
+    env_vars = {"PYTHONUNBUFFERED": "1"}  # logs reach `--wait` as they are written
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--env expects KEY=VALUE, got {item!r}")
+        env_vars[key] = value
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run = "".join(c if c.isalnum() else "-" for c in cfg.name.lower())
+    return JobRequest(
+        entrypoint=entrypoint,
+        runtime_env={"working_dir": str(root), "excludes": list(EXCLUDES), "env_vars": env_vars},
+        submission_id=args.submission_id or f"clipflow-{run}-{args.stage}-{stamp}-{secrets.token_hex(2)}",
+        metadata={"clipflow.stage": args.stage, "clipflow.run": cfg.name, "clipflow.config": config or ""},
+    )
+
+
+def _eval_args(args: argparse.Namespace) -> list[str]:
+    chosen = [["--pending"]] if args.pending else []
+    chosen += [[flag, value] for flag, value in (("--version", args.version), ("--alias", args.alias)) if value]
+    if chosen and args.stage != "eval":
+        raise UserError("--pending/--version/--alias only apply to --stage eval")
+    return chosen[0] if chosen else []
+
+
+def main(cfg: Config, args: argparse.Namespace) -> int:
+    if not args.address:
+        raise UserError("no Ray job server address: pass --address http://HEAD:8265 or set RAY_ADDRESS")
+    request = build_request(cfg, args)
+    client = connect(args.address)
+    if "://" not in cfg.home and not Path(cfg.home).is_absolute():
+        print(f"clipflow submit: note: home {cfg.home!r} is relative, so on the cluster it lands inside the "
+              "job's temporary working directory; use an absolute path or s3:// for results you keep",
+              file=sys.stderr)
+    started = time.monotonic()
+    job_id = client.submit_job(entrypoint=request.entrypoint, runtime_env=request.runtime_env,
+                               submission_id=request.submission_id, metadata=request.metadata)
+    print(f"submitted {job_id}: {request.entrypoint}")
+    if not args.wait:
+        print(f"follow it with: ray job logs --address {args.address} --follow {job_id}\n"
+              f"dashboard:      {args.address.rstrip('/')}/#/jobs/{job_id}")
+        return EXIT_OK
+    status = wait_for(client, job_id, args.timeout)
+    _summary(job_id, status, request, args.address, time.monotonic() - started)
+    if status == "SUCCEEDED":
+        return EXIT_OK
+    if status not in TERMINAL:
+        print(f"clipflow submit: stopped waiting; job {job_id} is still {status} "
+              f"(ray job logs --address {args.address} --follow {job_id})", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def connect(address: str):
+    """A JobSubmissionClient, or a one-line error saying how to reach the head node."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address, headers=auth_headers())
+    except AuthenticationError:
+        raise UserError(f"the Ray job server at {address} refused the request: it needs the cluster's auth token; "
+                        "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the token the head was started with") from None
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise UserError(f"cannot reach the Ray job server at {address} ({exc}); on Kubernetes run "
+                        "`kubectl -n clipflow port-forward svc/clipflow-head-svc 8265:8265` first") from None
+
+
+def auth_headers() -> dict[str, str]:
+    """The cluster token where Ray's CLI looks ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token), sent
+    explicitly: Ray only sends it itself when this process runs with RAY_AUTH_MODE=token."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        token = path.read_text().strip() if path.is_file() else ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def wait_for(client, job_id: str, timeout: float | None) -> str:
+    """Stream the job's logs to stdout until it ends (or ``timeout``); return its status."""
+
+    async def stream() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    try:
+        asyncio.run(asyncio.wait_for(stream(), timeout))
+    except TimeoutError:
+        return str(client.get_job_status(job_id).value)
+    # The log stream closes when the driver exits; the status can lag behind it briefly.
+    deadline = time.monotonic() + 30
+    while (status := str(client.get_job_status(job_id).value)) not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return status
+
+
+def _summary(job_id: str, status: str, request: JobRequest, address: str, seconds: float) -> None:
+    print("\n".join([
+        "", "clipflow submit: summary",
+        f"  job         {job_id}",
+        f"  status      {status}",
+        f"  command     {request.entrypoint}",
+        f"  wall time   {seconds:.1f} s",
+        f"  dashboard   {address.rstrip('/')}/#/jobs/{job_id}",
+    ]))
