@@ -153,3 +153,17 @@ def test_metric_names_are_the_ones_clip_core_computes() -> None:
     features = torch.randn(4, 8)
     assert set(ZEROSHOT_METRICS) <= set(classification_metrics(logits, targets))
     assert set(RETRIEVAL_METRICS) == set(retrieval_metrics(features, features, torch.arange(4)))
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("preprocess.jpeg_quality=0", "preprocess.jpeg_quality=0 must be in 1..100"),
+    ("sample_data.workers=-1", "sample_data.workers=-1 must be >= 0"),
+    ("tokenizer.context_length=1", "tokenizer.context_length=1 must be >= 2"),
+    ("train.log_every=0", "train.log_every must be >= 1"),
+    ("scaling.min_workers=3", "1 <= min_workers <= max_workers, got 3..2"),
+    ("mlflow.publish_every=0", "mlflow.publish_every must be >= 1"),
+])
+def test_each_section_validates_itself_on_load(override: str, message: str) -> None:
+    """A value no run can use fails when the config loads, before any stage or service starts."""
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(overrides=[override])

@@ -91,7 +91,7 @@ def test_manifest_parses_and_validates(path: Path) -> None:
 def test_every_kind_is_checked_by_a_schema() -> None:
     kinds = {doc["kind"] for _, doc in all_docs()}
     assert {"RayCluster", "RayJob", "RayCronJob", "Namespace", "Deployment", "Service", "StatefulSet",
-            "ServiceAccount", "Role", "RoleBinding", "Secret"} <= kinds
+            "ServiceAccount", "Role", "RoleBinding", "Secret", "NetworkPolicy"} <= kinds
 
 
 # --- the validators reject what the API server / operator would ---------------------------------------
@@ -106,6 +106,10 @@ def _gpu_group(doc: dict[str, Any]) -> dict[str, Any]:
 
 def _head_container(doc: dict[str, Any]) -> dict[str, Any]:
     return doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+
+
+def _head_pod(doc: dict[str, Any]) -> dict[str, Any]:
+    return doc["spec"]["headGroupSpec"]["template"]["spec"]
 
 
 BROKEN_CLUSTERS: dict[str, tuple[Callable[[dict], None], str]] = {
@@ -124,6 +128,28 @@ BROKEN_CLUSTERS: dict[str, tuple[Callable[[dict], None], str]] = {
     "no shm": (lambda d: _gpu_group(d)["template"]["spec"].pop("volumes"), "/dev/shm"),
     "root": (lambda d: [d["spec"]["headGroupSpec"]["template"]["spec"]["securityContext"].pop("runAsNonRoot"),
                         _head_container(d)["securityContext"].pop("runAsNonRoot")], "runAsNonRoot"),
+    # security: token auth, the restricted Pod Security Standard, the NetworkPolicies' labels
+    "no auth": (lambda d: d["spec"].pop("authOptions"), "authOptions: set {mode: token}"),
+    "auth disabled": (lambda d: d["spec"].update(authOptions={"mode": "disabled"}), "authOptions: set {mode: token}"),
+    "auth switched off in a container": (
+        lambda d: _head_container(d)["env"].append({"name": "RAY_AUTH_MODE", "value": "disabled"}),
+        "do not set RAY_AUTH_MODE"),
+    "container overrides runAsNonRoot": (lambda d: _head_container(d)["securityContext"].update(runAsNonRoot=False),
+                                         "runAsNonRoot is not true"),
+    "uid 0": (lambda d: _gpu_group(d)["template"]["spec"]["securityContext"].update(runAsUser=0), "runAsUser: 0"),
+    "privileged": (lambda d: _head_container(d)["securityContext"].update(privileged=True), "privileged"),
+    "capability added": (lambda d: _head_container(d)["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]),
+                         "capabilities.add"),
+    "host network": (lambda d: _head_pod(d).update(hostNetwork=True), "host namespaces"),
+    "host port": (lambda d: _head_container(d)["ports"][0].update(hostPort=6379), "hostPort"),
+    "hostPath volume": (lambda d: _head_pod(d)["volumes"].append({"name": "host", "hostPath": {"path": "/"}}),
+                        "hostPath volumes are not allowed"),
+    "autoscaler escalates": (
+        lambda d: d["spec"]["autoscalerOptions"]["securityContext"].pop("allowPrivilegeEscalation"),
+        "autoscalerOptions: securityContext.allowPrivilegeEscalation"),
+    "unlabelled for the network policies": (
+        lambda d: _gpu_group(d)["template"]["metadata"]["labels"].pop("app.kubernetes.io/part-of"),
+        "k8s/networkpolicies.yaml selects pods by them"),
 }
 
 
@@ -149,6 +175,17 @@ BROKEN_JOBS: dict[str, tuple[Callable[[dict], None], str]] = {
     "broken cluster inside": (lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"].pop("template"),
                               "'template' is a required property"),
     "unknown field": (lambda d: d["spec"].update(entrypointt="clipflow train"), "Additional properties"),
+    "cluster without auth": (lambda d: d["spec"]["rayClusterSpec"].pop("authOptions"), "authOptions"),
+    "kubernetes token auth": (lambda d: d["spec"]["rayClusterSpec"]["authOptions"].update(enableK8sTokenAuth=True),
+                              "enableK8sTokenAuth"),
+    "zero deadline": (lambda d: d["spec"].update(activeDeadlineSeconds=0), "activeDeadlineSeconds"),
+    "deadline past int32": (lambda d: d["spec"].update(activeDeadlineSeconds=2**31), "activeDeadlineSeconds"),
+    "default submitter": (lambda d: d["spec"].pop("submitterPodTemplate"), "default submitter pod"),
+    "unlabelled submitter": (lambda d: d["spec"]["submitterPodTemplate"].pop("metadata"),
+                             "submitterPodTemplate.metadata.labels"),
+    "submitter escalates": (
+        lambda d: d["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["securityContext"].pop(
+            "allowPrivilegeEscalation"), "allowPrivilegeEscalation"),
 }
 
 
@@ -175,6 +212,38 @@ def test_broken_core_manifests_are_rejected() -> None:
     bad = copy.deepcopy(service)
     bad["spec"]["ports"][0]["port"] = "http"
     assert validate_manifest(bad)
+
+
+def _mlflow_container(deployment: dict[str, Any]) -> dict[str, Any]:
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+BROKEN_MLFLOW: dict[str, tuple[Callable[[dict], None], str]] = {
+    "password in argv": (lambda c: c["args"].append("--backend-store-uri=postgresql://u:$(DB_PASSWORD)@db/mlflow"),
+                         "$(DB_PASSWORD) expands a Secret into the command line"),
+    "secret-derived variable in argv": (lambda c: c["command"].append("$(MLFLOW_BACKEND_STORE_URI)"),
+                                        "$(MLFLOW_BACKEND_STORE_URI) expands a Secret"),
+    "reference before definition": (lambda c: c["env"].insert(0, c["env"].pop(
+        next(i for i, v in enumerate(c["env"]) if v["name"] == "MLFLOW_BACKEND_STORE_URI"))),
+        "refers to $(DB_USER), which no env entry before it defines"),
+    "root": (lambda c: c["securityContext"].update(runAsUser=0), "runAsUser: 0"),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_MLFLOW))
+def test_broken_mlflow_deployment_is_rejected(name: str) -> None:
+    mutate, expected = BROKEN_MLFLOW[name]
+    _, deployment = load_documents(K8S / "mlflow.yaml")
+    assert validate_manifest(deployment) == []
+    mutate(_mlflow_container(deployment))
+    errors = validate_manifest(deployment)
+    assert any(expected in e for e in errors), errors
+
+
+def test_escaped_references_are_not_expansions() -> None:
+    _, deployment = load_documents(K8S / "mlflow.yaml")
+    _mlflow_container(deployment)["args"].append("--note=$$(DB_PASSWORD)")  # Kubernetes passes `$(DB_PASSWORD)` on
+    assert validate_manifest(deployment) == []
 
 
 def test_kubernetes_schema_version_is_shipped() -> None:
@@ -255,8 +324,18 @@ def test_mlflow_image_matches_pinned_mlflow() -> None:
     assert container["image"].endswith(f":{mlflow.__version__}")
     assert f"-t {container['image']}" in dockerfile  # the build command produces the deployed tag
     args = " ".join(container["args"])
-    assert "--backend-store-uri=postgresql://" in args and "--artifacts-destination=s3://" in args
+    assert "--artifacts-destination=s3://" in args and "backend-store-uri" not in args
+    env = {var["name"]: var for var in container["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["value"].startswith("postgresql://$(DB_USER):$(DB_PASSWORD)@")
     assert {"readinessProbe", "livenessProbe"} <= set(container)
+
+
+def test_mlflow_reads_its_backend_store_uri_from_the_environment() -> None:
+    """`mlflow server --backend-store-uri` takes MLFLOW_BACKEND_STORE_URI, which is how the URI stays out of argv."""
+    from mlflow.cli import server
+
+    (option,) = [p for p in server.params if p.name == "backend_store_uri"]
+    assert option.envvar == "MLFLOW_BACKEND_STORE_URI"
 
 
 def referenced_configs() -> set[str]:

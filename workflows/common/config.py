@@ -60,6 +60,17 @@ class SampleDataConfig:
     zeroshot_task: Literal["color", "shape"] = "color"
     workers: int = 0  # rendering processes; 0 = one per CPU core (one per 500 images, at least 1)
 
+    def validate(self) -> None:
+        if self.train_samples < 1 or self.train_shards < 1 or self.train_shards > self.train_samples:
+            raise ConfigError(f"sample_data: need 1 <= train_shards ({self.train_shards}) <= train_samples "
+                              f"({self.train_samples})")
+        if self.image_size < 16:
+            raise ConfigError(f"sample_data.image_size={self.image_size} must be >= 16")
+        if self.zeroshot_per_class < 1 or self.retrieval_samples < 1:
+            raise ConfigError("sample_data.zeroshot_per_class and sample_data.retrieval_samples must be >= 1")
+        if self.workers < 0:
+            raise ConfigError(f"sample_data.workers={self.workers} must be >= 0 (0 = one per CPU core)")
+
 
 @dataclass
 class PreprocessConfig:
@@ -79,6 +90,27 @@ class PreprocessConfig:
     dedup: Literal["none", "image", "image_caption"] = "image"
     rows_per_shard: int = 1000
 
+    def validate(self) -> None:
+        """Values no run can use, all of them in one error."""
+        problems = []
+        if self.image_size < 8:
+            problems.append(f"preprocess.image_size={self.image_size} must be >= 8")
+        if not 1 <= self.jpeg_quality <= 100:
+            problems.append(f"preprocess.jpeg_quality={self.jpeg_quality} must be in 1..100")
+        if self.min_side < 1:
+            problems.append(f"preprocess.min_side={self.min_side} must be >= 1")
+        if self.max_aspect_ratio < 1:
+            problems.append(f"preprocess.max_aspect_ratio={self.max_aspect_ratio} must be >= 1")
+        if self.max_image_pixels < 1:
+            problems.append(f"preprocess.max_image_pixels={self.max_image_pixels} must be >= 1")
+        if not 0 <= self.caption_min_chars <= self.caption_max_chars:
+            problems.append(f"preprocess.caption_min_chars={self.caption_min_chars} and caption_max_chars="
+                            f"{self.caption_max_chars} must satisfy 0 <= min <= max")
+        if self.rows_per_shard < 1:
+            problems.append(f"preprocess.rows_per_shard={self.rows_per_shard} must be >= 1")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
 
 @dataclass
 class TokenizerConfig:
@@ -89,6 +121,10 @@ class TokenizerConfig:
     bpe_path: str = field(default="", metadata=PATH)  # source=openai_bpe: path to bpe_simple_vocab_16e6.txt.gz
     path: str = field(default="", metadata=PATH)  # source=path: a directory written by Tokenizer.save
     context_length: int = 32  # the demo's captions are short; the paper's models use 77
+
+    def validate(self) -> None:
+        if self.context_length < 2:
+            raise ConfigError(f"tokenizer.context_length={self.context_length} must be >= 2")
 
 
 @dataclass
@@ -141,6 +177,11 @@ class TrainConfig:
     resume_from: str = field(default="", metadata=PATH)
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = GPU table / measured on CPU
 
+    def validate(self) -> None:
+        for name in ("log_every", "checkpoint_every", "keep_checkpoints", "global_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
 
 @dataclass
 class ScalingConfig:
@@ -151,6 +192,11 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional on small machines, so Ray Data's tasks are not starved
     max_failures: int = 3
+
+    def validate(self) -> None:
+        if not 1 <= self.min_workers <= self.max_workers:
+            raise ConfigError(f"scaling needs 1 <= min_workers <= max_workers, got "
+                              f"{self.min_workers}..{self.max_workers}")
 
 
 @dataclass
@@ -169,6 +215,10 @@ class MlflowConfig:
     publish_every: int = 1  # register every N-th checkpoint (the final one always)
     system_metrics: bool = True
     buffer_size: int = 10_000  # metrics kept while the server is unreachable
+
+    def validate(self) -> None:
+        if self.publish_every < 1:
+            raise ConfigError(f"mlflow.publish_every must be >= 1, got {self.publish_every}")
 
 
 @dataclass
@@ -189,6 +239,8 @@ class K8sConfig:
     namespace: str = "clipflow"
     image: str = "ghcr.io/clipflow/clipflow:0.1.0"
     ray_cluster: str = "clipflow"
+    # Rendered RayJobs fail (DeadlineExceeded) and free their nodes after this long; 0 = no deadline
+    active_deadline_seconds: int = 0
 
 
 @dataclass
@@ -230,6 +282,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _absolute_paths(cfg)
         cfg.mlflow.tracking_uri = _absolute_store_uri(cfg.mlflow.tracking_uri)
     cfg.eval.primary_metric = _primary_metric(cfg.eval)
+    for section in dataclasses.fields(cfg):
+        validate = getattr(getattr(cfg, section.name), "validate", None)
+        if validate is not None:
+            validate()
     return cfg
 
 

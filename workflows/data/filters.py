@@ -17,7 +17,7 @@ import io
 import unicodedata
 
 from clip_core.transforms import ImageDecodeError, decode_image, resize_center_crop, resize_keep_aspect
-from workflows.common.config import ConfigError, PreprocessConfig
+from workflows.common.config import PreprocessConfig
 
 
 def clean_caption(raw: bytes, cfg: PreprocessConfig) -> tuple[str, str]:
@@ -71,26 +71,3 @@ def content_hash(image: bytes, caption: str | None = None) -> bytes:
     if caption is not None:
         h.update(b"\0" + caption.encode("utf-8"))
     return h.digest()
-
-
-def check_config(cfg: PreprocessConfig) -> None:
-    """Values no run can use: raised as ConfigError before any work starts."""
-    problems = []
-    if cfg.image_size < 8:
-        problems.append(f"preprocess.image_size={cfg.image_size} must be >= 8")
-    if not 1 <= cfg.jpeg_quality <= 100:
-        problems.append(f"preprocess.jpeg_quality={cfg.jpeg_quality} must be in 1..100")
-    if cfg.min_side < 1:
-        problems.append(f"preprocess.min_side={cfg.min_side} must be >= 1")
-    if cfg.max_aspect_ratio < 1:
-        problems.append(f"preprocess.max_aspect_ratio={cfg.max_aspect_ratio} must be >= 1")
-    if cfg.max_image_pixels < 1:
-        problems.append(f"preprocess.max_image_pixels={cfg.max_image_pixels} must be >= 1")
-    if not 0 <= cfg.caption_min_chars <= cfg.caption_max_chars:
-        problems.append(f"preprocess.caption_min_chars={cfg.caption_min_chars} and caption_max_chars="
-                        f"{cfg.caption_max_chars} must satisfy 0 <= min <= max")
-    if cfg.rows_per_shard < 1:
-        problems.append(f"preprocess.rows_per_shard={cfg.rows_per_shard} must be >= 1")
-    if problems:
-        raise ConfigError("; ".join(problems))
-

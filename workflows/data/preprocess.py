@@ -50,7 +50,7 @@ from workflows.common.config import Config, ConfigError, PreprocessConfig
 from workflows.common.errors import UserError
 from workflows.common.log import Progress
 from workflows.common.runtime import ensure_ray, ray_data_context
-from workflows.data.filters import check_config, clean_caption, content_hash, process_image
+from workflows.data.filters import clean_caption, content_hash, process_image
 from workflows.data.readers import Source, expand_inputs, read_source
 from workflows.data.tokenizer_io import load_tokenizer, save_tokenizer, tokenizer_exists
 
@@ -76,7 +76,7 @@ def run_preprocess(cfg: Config, *, force: bool = False,
     """
     start = time.monotonic()
     pre = cfg.preprocess
-    check_config(pre)
+    pre.validate()
     endpoint = storage.s3_endpoint(cfg.storage.s3_endpoint)
     _check_tokenizer_config(cfg, endpoint)
     sources = expand_inputs(pre.inputs, pre.input_format, endpoint)
@@ -145,8 +145,7 @@ def _config_for_hash(pre: PreprocessConfig) -> dict[str, Any]:
 
 def _check_tokenizer_config(cfg: Config, endpoint: str) -> None:
     tok = cfg.tokenizer
-    if tok.context_length < 2:
-        raise ConfigError(f"tokenizer.context_length={tok.context_length} must be >= 2")
+    tok.validate()
     if tok.source == "openai_bpe" and not (tok.bpe_path and storage.exists(tok.bpe_path, endpoint)):
         raise ConfigError(f"tokenizer.source=openai_bpe needs tokenizer.bpe_path to point at "
                           f"bpe_simple_vocab_16e6.txt.gz (got {tok.bpe_path!r})")

@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from workflows.common import storage
-from workflows.common.config import ConfigError, SampleDataConfig
+from workflows.common.config import SampleDataConfig
 from workflows.common.log import Progress
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "hexagon", "heart")
@@ -113,7 +113,7 @@ def generate_sample_data(cfg: SampleDataConfig, endpoint: str = "") -> dict[str,
     """Write the train shards and the held-out eval sets; returns a summary (paths, counts, expected rejects).
     With more than one worker it spawns processes, so a script that calls it needs the usual
     ``if __name__ == "__main__":`` guard (the ``clipflow`` command has it)."""
-    _check(cfg)
+    cfg.validate()
     start = time.monotonic()
     endpoint = storage.s3_endpoint(endpoint)
     out = cfg.output
@@ -207,18 +207,6 @@ def _renderer(workers: int) -> Iterator[Callable[[list[Job]], Iterator[tuple[byt
         return
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         yield lambda jobs: pool.imap(draw, jobs, chunksize=32)
-
-
-def _check(cfg: SampleDataConfig) -> None:
-    if cfg.train_samples < 1 or cfg.train_shards < 1 or cfg.train_shards > cfg.train_samples:
-        raise ConfigError(f"sample_data: need 1 <= train_shards ({cfg.train_shards}) <= train_samples "
-                          f"({cfg.train_samples})")
-    if cfg.image_size < 16:
-        raise ConfigError(f"sample_data.image_size={cfg.image_size} must be >= 16")
-    if cfg.zeroshot_per_class < 1 or cfg.retrieval_samples < 1:
-        raise ConfigError("sample_data.zeroshot_per_class and sample_data.retrieval_samples must be >= 1")
-    if cfg.workers < 0:
-        raise ConfigError(f"sample_data.workers={cfg.workers} must be >= 0 (0 = one per CPU core)")
 
 
 # ---- scenes, captions, rendering ------------------------------------------------------------------------

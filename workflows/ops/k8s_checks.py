@@ -10,7 +10,10 @@ No API server runs in CI, so manifests are validated against schemas instead:
   ``workflows/ops/kuberay_schemas/`` (package data, so any install validates) — made strict the same way,
   since the API server's field validation rejects fields a structural schema does not declare;
 - semantic rules the schemas cannot express but the operator or this project relies on (the head runs
-  no training, worker ranges are ordered, every container declares requests and limits, ...).
+  no training, worker ranges are ordered, every container declares requests and limits, ...), among
+  them the security rules: Ray token auth on every Ray cluster, every pod within the "restricted" Pod
+  Security Standard the namespace enforces, no Secret expanded into a command line, and the labels the
+  NetworkPolicies select pods by.
 
 Every check returns a list of readable errors (``where: what``) so one run reports all of them.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,6 +37,17 @@ KUBERNETES_VERSION = "1.32.0"  # oldest Kubernetes minor still supported upstrea
 KUBERAY_KINDS = ("RayCluster", "RayJob", "RayCronJob")
 # RayJob.spec.submissionMode is a free string in the CRD; the operator accepts only these.
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
+# What k8s/networkpolicies.yaml selects clipflow's pods by: a pod without it can reach nothing.
+PART_OF = {"app.kubernetes.io/part-of": "clipflow"}
+SUBMITTER_LABELS = {**PART_OF, "app.kubernetes.io/component": "ray-job-submitter"}
+# The operator sets these from authOptions only in containers that do not set them, so a container's own win.
+OPERATOR_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+# Volume types the "restricted" Pod Security Standard allows (no hostPath, no network filesystems).
+RESTRICTED_VOLUME_TYPES = ("configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                           "projected", "secret")
+MAX_INT32 = 2**31 - 1
+# A Kubernetes $(VAR) reference; $$ escapes it.
+_VAR_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
 
 def load_documents(path: str | Path) -> list[dict[str, Any]]:
@@ -125,30 +140,101 @@ def pod_specs(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def check_pod_spec(pod: dict[str, Any], where: str, read_only_root: bool = True) -> list[str]:
-    """Requests and limits everywhere; non-root; no privilege escalation; read-only root where asked."""
-    errors = []
+    """Requests and limits everywhere; the "restricted" Pod Security Standard; read-only root where asked;
+    Secrets kept out of argv."""
+    errors = _check_pod_restricted(pod, where)
     pod_ctx = pod.get("securityContext", {})
     for group in ("initContainers", "containers"):
         for i, c in enumerate(pod.get(group, [])):
             at = f"{where}.{group}[{i}]({c.get('name')})"
-            res = c.get("resources", {})
-            for section in ("requests", "limits"):
-                for resource in ("cpu", "memory"):
-                    if resource not in res.get(section, {}):
-                        errors.append(f"{at}: resources.{section}.{resource} is not set")
-            ctx = c.get("securityContext", {})
-            if not (ctx.get("runAsNonRoot") or pod_ctx.get("runAsNonRoot")):
-                errors.append(f"{at}: runAsNonRoot is not true")
-            seccomp = ctx.get("seccompProfile") or pod_ctx.get("seccompProfile") or {}
-            if seccomp.get("type") != "RuntimeDefault":
-                errors.append(f"{at}: seccompProfile.type must be RuntimeDefault (pod or container)")
-            if ctx.get("allowPrivilegeEscalation") is not False:
-                errors.append(f"{at}: securityContext.allowPrivilegeEscalation must be false")
-            if "ALL" not in ctx.get("capabilities", {}).get("drop", []):
-                errors.append(f"{at}: securityContext.capabilities.drop must include ALL")
-            if read_only_root and ctx.get("readOnlyRootFilesystem") is not True:
-                errors.append(f"{at}: securityContext.readOnlyRootFilesystem must be true")
+            errors += _check_container(c, pod_ctx, at, read_only_root)
+            errors += _check_env_references(c, at)
     return errors
+
+
+def _check_pod_restricted(pod: dict[str, Any], where: str) -> list[str]:
+    """The pod-level rules of the "restricted" Pod Security Standard (the namespace rejects such pods)."""
+    errors = [f"{where}.{key}: host namespaces are not allowed (restricted Pod Security Standard)"
+              for key in ("hostNetwork", "hostPID", "hostIPC") if pod.get(key)]
+    for volume in pod.get("volumes", []):
+        kinds = sorted(set(volume) - {"name"})
+        if not set(kinds) <= set(RESTRICTED_VOLUME_TYPES):
+            errors.append(f"{where}.volumes({volume.get('name')}): {', '.join(kinds)} volumes are not allowed "
+                          f"(restricted Pod Security Standard); use one of {list(RESTRICTED_VOLUME_TYPES)}")
+    if pod.get("securityContext", {}).get("runAsUser") == 0:
+        errors.append(f"{where}.securityContext.runAsUser: 0 (root) is not allowed")
+    return errors
+
+
+def _check_container(c: dict[str, Any], pod_ctx: dict[str, Any], at: str, read_only_root: bool = True) -> list[str]:
+    """One container against the project's rules and the restricted Pod Security Standard; a container's
+    securityContext overrides its pod's."""
+    errors = []
+    res = c.get("resources", {})
+    for section in ("requests", "limits"):
+        for resource in ("cpu", "memory"):
+            if resource not in res.get(section, {}):
+                errors.append(f"{at}: resources.{section}.{resource} is not set")
+    ctx = c.get("securityContext", {})
+    if ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) is not True:
+        errors.append(f"{at}: runAsNonRoot is not true")
+    if ctx.get("runAsUser") == 0:
+        errors.append(f"{at}: securityContext.runAsUser: 0 (root) is not allowed")
+    seccomp = ctx.get("seccompProfile") or pod_ctx.get("seccompProfile") or {}
+    if seccomp.get("type") != "RuntimeDefault":
+        errors.append(f"{at}: seccompProfile.type must be RuntimeDefault (pod or container)")
+    if ctx.get("privileged"):
+        errors.append(f"{at}: securityContext.privileged is not allowed")
+    if ctx.get("allowPrivilegeEscalation") is not False:
+        errors.append(f"{at}: securityContext.allowPrivilegeEscalation must be false")
+    capabilities = ctx.get("capabilities", {})
+    if "ALL" not in capabilities.get("drop", []):
+        errors.append(f"{at}: securityContext.capabilities.drop must include ALL")
+    if set(capabilities.get("add", [])) - {"NET_BIND_SERVICE"}:
+        errors.append(f"{at}: securityContext.capabilities.add may hold only NET_BIND_SERVICE "
+                      "(restricted Pod Security Standard)")
+    if any(port.get("hostPort") for port in c.get("ports", [])):
+        errors.append(f"{at}: hostPort is not allowed: expose the port through a Service")
+    if read_only_root and ctx.get("readOnlyRootFilesystem") is not True:
+        errors.append(f"{at}: securityContext.readOnlyRootFilesystem must be true")
+    return errors
+
+
+def _check_env_references(c: dict[str, Any], at: str) -> list[str]:
+    """No Secret-derived $(VAR) in command/args: argv is readable by every process on the node (`ps`,
+    /proc/PID/cmdline), the environment is not. And $(VAR) in env must name a variable defined before it,
+    or Kubernetes passes the text on literally."""
+    errors = []
+    env_from = c.get("envFrom", [])
+    secret_from_env_from = any("secretRef" in source for source in env_from)
+    defined: set[str] = set()
+    secret: set[str] = set()
+
+    def is_secret(name: str) -> bool:
+        return name in secret or (name not in defined and secret_from_env_from)
+
+    for var in c.get("env", []):
+        refs = _references(str(var.get("value", "")))
+        for ref in refs:
+            if ref not in defined and not env_from:
+                errors.append(f"{at}: env {var['name']} refers to $({ref}), which no env entry before it defines "
+                              f"(Kubernetes would pass the text on literally): define {ref} above it")
+        if "secretKeyRef" in var.get("valueFrom", {}) or any(is_secret(ref) for ref in refs):
+            secret.add(var["name"])
+        defined.add(var["name"])
+    for field in ("command", "args"):
+        for arg in c.get(field, []):
+            leaked = [ref for ref in _references(str(arg)) if is_secret(ref)]
+            if leaked:
+                errors.append(f"{at}.{field}: $({leaked[0]}) expands a Secret into the command line, where every "
+                              "process on the node can read it; pass it in an env var the program reads instead "
+                              "(e.g. MLFLOW_BACKEND_STORE_URI for `mlflow server`)")
+    return errors
+
+
+def _references(text: str) -> list[str]:
+    """The variable names of the $(VAR) references in ``text`` (escaped $$(VAR) excluded)."""
+    return [m.group(1) for m in _VAR_REFERENCE.finditer(text) if m.group(1)]
 
 
 def ray_groups(spec: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -176,6 +262,10 @@ def check_ray_cluster_spec(spec: dict[str, Any], where: str) -> list[str]:
                       "no nvidia.com/gpu) so no training is scheduled on it")
     if params.get("num-cpus") != "0":
         errors.append(f"{where}.headGroupSpec: rayStartParams num-cpus must be \"0\" so no tasks land on the head")
+    if spec.get("authOptions", {}).get("mode") != "token":
+        errors.append(f"{where}.authOptions: set {{mode: token}}: without it anyone who reaches the head's "
+                      "dashboard (8265) can submit jobs, and they run with the pods' S3 credentials")
+    errors += _check_autoscaler(spec, where)
     names = [g.get("groupName") for g in spec.get("workerGroupSpecs", [])]
     if len(names) != len(set(names)):
         errors.append(f"{where}.workerGroupSpecs: duplicate groupName in {names}")
@@ -186,7 +276,10 @@ def check_ray_cluster_spec(spec: dict[str, Any], where: str) -> list[str]:
             replicas = group.get("replicas", low)
             if not 0 <= low <= replicas <= high:
                 errors.append(f"{at}: need 0 <= minReplicas ({low}) <= replicas ({replicas}) <= maxReplicas ({high})")
-        pod = group.get("template", {}).get("spec", {})
+        template = group.get("template", {})
+        pod = template.get("spec", {})
+        errors += _check_network_labels(template, f"{at}.template", PART_OF)
+        errors += _check_auth_env(pod.get("containers", []), f"{at}.template.spec")
         # Ray writes its session, spill and runtime-env files next to the image's Python under /home/ray
         # and /tmp, so Ray pods keep a writable root filesystem; everything else is still enforced.
         errors += check_pod_spec(pod, f"{at}.template.spec", read_only_root=False)
@@ -196,6 +289,36 @@ def check_ray_cluster_spec(spec: dict[str, Any], where: str) -> list[str]:
             if res.get("limits", {}).get("nvidia.com/gpu") != res.get("requests", {}).get("nvidia.com/gpu"):
                 errors.append(f"{at}: nvidia.com/gpu requests and limits must be equal")
     return errors
+
+
+def _check_autoscaler(spec: dict[str, Any], where: str) -> list[str]:
+    """The autoscaler sidecar the operator adds to the head pod runs under the same Pod Security Standard;
+    it takes its securityContext, resources and env from autoscalerOptions."""
+    if spec.get("enableInTreeAutoscaling") is not True:
+        return []
+    options = spec.get("autoscalerOptions", {})
+    container = {"name": "autoscaler", "resources": options.get("resources", {}),
+                 "securityContext": options.get("securityContext", {})}
+    pod_ctx = spec.get("headGroupSpec", {}).get("template", {}).get("spec", {}).get("securityContext", {})
+    at = f"{where}.autoscalerOptions"
+    return _check_container(container, pod_ctx, at) + _check_auth_env([{"name": "autoscaler", **options}], at)
+
+
+def _check_auth_env(containers: list[dict[str, Any]], where: str) -> list[str]:
+    """A container's own RAY_AUTH_MODE/RAY_AUTH_TOKEN would override what the operator sets from authOptions."""
+    return [f"{where}({c.get('name')}): do not set {var['name']}: authOptions sets it, and a container's own value "
+            "wins over the operator's (RAY_AUTH_MODE=disabled turns auth off)"
+            for c in containers for var in c.get("env", []) if var.get("name") in OPERATOR_AUTH_ENV]
+
+
+def _check_network_labels(template: dict[str, Any], where: str, labels: dict[str, str]) -> list[str]:
+    """The pod template carries the labels k8s/networkpolicies.yaml admits its pods by."""
+    have = template.get("metadata", {}).get("labels", {})
+    missing = {k: v for k, v in labels.items() if have.get(k) != v}
+    if not missing:
+        return []
+    return [(f"{where}.metadata.labels: add {missing}: k8s/networkpolicies.yaml selects pods by them, "
+             "and a pod without them can reach nothing")]
 
 
 def _check_shm(pod: dict[str, Any], where: str) -> list[str]:
@@ -223,10 +346,26 @@ def check_ray_job_spec(spec: dict[str, Any], where: str) -> list[str]:
         errors.append(f"{where}: ttlSecondsAfterFinished and suspend need shutdownAfterJobFinishes: true")
     if not str(spec.get("entrypoint", "")).strip():
         errors.append(f"{where}.entrypoint: empty")
-    submitter = spec.get("submitterPodTemplate", {}).get("spec")
-    if mode == "K8sJobMode" and submitter is not None:
-        errors += check_pod_spec(submitter, f"{where}.submitterPodTemplate.spec", read_only_root=False)
+    deadline = spec.get("activeDeadlineSeconds")
+    if deadline is not None and not 0 < deadline <= MAX_INT32:
+        errors.append(f"{where}.activeDeadlineSeconds: {deadline} must be in 1..{MAX_INT32} (leave it out for "
+                      "no deadline)")
+    if spec.get("rayClusterSpec", {}).get("authOptions", {}).get("enableK8sTokenAuth"):
+        errors.append(f"{where}.rayClusterSpec.authOptions.enableK8sTokenAuth: KubeRay supports it for "
+                      "standalone RayClusters only; use mode: token")
+    if mode == "K8sJobMode":
+        errors += _check_submitter(spec.get("submitterPodTemplate"), f"{where}.submitterPodTemplate")
     return errors
+
+
+def _check_submitter(template: dict[str, Any] | None, where: str) -> list[str]:
+    """KubeRay's default submitter pod has no securityContext (the namespace's Pod Security Standard
+    rejects it) and no labels (the NetworkPolicies block it), so K8sJobMode needs a template."""
+    if template is None:
+        return [(f"{where}: set it (`clipflow k8s render` does): the operator's default submitter pod is "
+                 "neither restricted nor labelled for the NetworkPolicies")]
+    return (_check_network_labels(template, where, SUBMITTER_LABELS)
+            + check_pod_spec(template.get("spec", {}), f"{where}.spec", read_only_root=False))
 
 
 # YAML under k8s/ that holds no Kubernetes object: kustomize's input and the KubeRay operator's Helm values.

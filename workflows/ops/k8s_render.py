@@ -1,8 +1,8 @@
 """`clipflow k8s render`: the RayJob (or scheduled RayCronJob) for a run config (`run`/`status`: k8s_jobs).
 
 The run config stays the single source of truth for a run: the worker range comes from
-``scaling.min_workers/max_workers``, GPUs from ``scaling.use_gpu``, image and namespace from the ``k8s``
-section, and the entrypoint is the very command a local user runs (``clipflow train --config ...``).
+``scaling.min_workers/max_workers``, GPUs from ``scaling.use_gpu``, image, namespace and deadline from the
+``k8s`` section, and the entrypoint is the very command a local user runs (``clipflow train --config ...``).
 The node shapes (pod sizes, GPUs per pod, node selectors) come from ``ray_cluster.yaml``, so a RayJob
 brings up the same cluster as ``kubectl apply -f ray_cluster.yaml`` with the GPU group sized for the run.
 The committed ``k8s/rayjob-*.yaml`` are this command's output (a test keeps them equal).
@@ -23,7 +23,7 @@ import yaml
 
 from workflows.common.config import Config
 from workflows.common.errors import UserError
-from workflows.ops.k8s_checks import gpus_of, load_documents, validate_manifest
+from workflows.ops.k8s_checks import SUBMITTER_LABELS, gpus_of, load_documents, validate_manifest
 from workflows.ops.project import project_root
 
 STAGES = ("preprocess", "train", "eval")
@@ -101,6 +101,9 @@ def render(cfg: Config, config_path: str | None, stage: str, overrides: list[str
     }
     if suspend:
         job_spec["suspend"] = True
+    deadline = active_deadline(cfg)
+    if deadline:
+        job_spec["activeDeadlineSeconds"] = deadline
     name = job_name(cfg, stage)
     labels = {"app.kubernetes.io/name": "clipflow", "app.kubernetes.io/component": stage,
               "clipflow.dev/run": _slug(cfg.name)}
@@ -179,9 +182,20 @@ def cluster_spec(cfg: Config, stage: str, cluster_path: str | Path) -> dict[str,
     return spec
 
 
+def active_deadline(cfg: Config) -> int | None:
+    """``k8s.active_deadline_seconds`` as the RayJob's activeDeadlineSeconds (None = no deadline): a hung
+    job then fails and gives its GPU nodes back instead of holding them forever."""
+    seconds = cfg.k8s.active_deadline_seconds
+    if seconds < 0:
+        raise UserError(f"k8s.active_deadline_seconds must be >= 0 (0 = no deadline), got {seconds}")
+    return seconds or None
+
+
 def _submitter_template(cfg: Config) -> dict[str, Any]:
-    """The pod that runs `ray job submit` (KubeRay fills in its command); small, non-root, no API access."""
-    return {"spec": {
+    """The pod that runs `ray job submit` (KubeRay fills in its command and the cluster's auth token); small,
+    non-root, no API access, labelled for its NetworkPolicy."""
+    # SUBMITTER_LABELS: k8s/networkpolicies.yaml lets it reach the head's Jobs API (8265), nothing else.
+    return {"metadata": {"labels": {"app.kubernetes.io/name": "clipflow", **SUBMITTER_LABELS}}, "spec": {
         "restartPolicy": "Never",
         "serviceAccountName": "clipflow",
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 100,

@@ -102,19 +102,12 @@ def prepare_run(cfg: Config, debug: TrainDebug) -> RunSetup:
     except ValueError as exc:
         raise UserError(f"model.name {cfg.model.name!r} cannot train on this data "
                         f"({image_size} px, context {context_length}): {exc}") from exc
-    for name in ("log_every", "checkpoint_every", "keep_checkpoints", "global_batch_size"):
-        if getattr(t, name) < 1:
-            raise UserError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-    if cfg.mlflow.publish_every < 1:
-        raise UserError(f"mlflow.publish_every must be >= 1, got {cfg.mlflow.publish_every}")
     if t.zero_shot_every:
         if not cfg.eval.zeroshot:
             raise UserError("train.zero_shot_every needs eval.zeroshot (ImageFolder sets); set them or set it to 0")
         for uri in cfg.eval.zeroshot:  # fail now, not on rank 0 after the first N steps
             read_zeroshot_set(uri, cfg.storage.s3_endpoint)
     s = cfg.scaling
-    if not 1 <= s.min_workers <= s.max_workers:
-        raise UserError(f"scaling needs 1 <= min_workers <= max_workers, got {s.min_workers}..{s.max_workers}")
     check_world_sizes(t.global_batch_size, s.min_workers, s.max_workers)
     shards = tuple(Shard(uri, rows) for uri, rows in manifest.shard_uris(t.data))
     order = DataOrder(shards, t.seed, t.global_batch_size)
