@@ -186,7 +186,7 @@ def draw(job: Job) -> tuple[bytes, Scene, list[str]]:
     captions (one for training, two with different templates for retrieval, none for zero-shot).
     Independent streams make the output the same whichever process draws which sample."""
     seed, size, purpose, index, fixed = job
-    rng = np.random.default_rng([seed, index, purpose])  # purpose last: never 0 (see train_data.seeded)
+    rng = np.random.default_rng([seed, index, purpose])  # purpose last: never 0 (see train.feed.seeded)
     scene = random_scene(rng, **({fixed[0]: fixed[1].replace("_", " ")} if fixed else {}))
     image = encode_jpeg(render(scene, size, rng))
     if purpose == TRAIN:

@@ -2,7 +2,7 @@
 
 What a RayJob or CronJob runs. ``--pending`` evaluates every version whose ``eval_status`` is
 pending (or whose claimant's lease expired); ``--version N`` / ``--alias A`` evaluates one. Each
-version is claimed atomically first (``workflows.tracking.registry``), so concurrent jobs never evaluate the
+version is claimed atomically first (``workflows.tracking.claims``), so concurrent jobs never evaluate the
 same version. Image embeddings are computed through Ray Data (``map_batches`` on an actor pool, a GPU
 per actor when the cluster has them), so large eval sets scale out; class prompts and captions are
 few and are embedded on the driver.
@@ -16,9 +16,7 @@ the same metrics as ``eval/<dataset>/<metric>`` at the checkpoint's step in the 
 "zero-shot accuracy vs step" chart); summary tags on the version; status done or failed (with the
 reason); then the ``latest-evaluated`` and (if the primary metric improved) ``champion`` aliases.
 
-Eval sets (``clipflow sample-data`` writes both): ImageFolder ``<dir>/<class>/<image>`` with an
-optional ``classnames.txt`` (line i names the i-th class folder in sorted order), and retrieval
-``<dir>/captions.jsonl`` lines ``{"image": "images/x.jpg", "captions": [...]}``.
+The eval sets' formats and the scoring are ``workflows.data.eval_sets``'s, shared with training.
 """
 
 from __future__ import annotations

@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 
 class SampleData:
-    help = "generate the embedded sample data set (deterministic)"
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +36,6 @@ class SampleData:
 
 
 class Preprocess:
-    help = "raw image-text shards -> training shards + manifest (Ray Data)"
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +51,6 @@ class Preprocess:
 
 
 class Train:
-    help = "contrastive pretraining on the training shards (Ray Train)"
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +67,6 @@ class Train:
 
 
 class Eval:
-    help = "zero-shot / retrieval eval of registered model versions"
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:

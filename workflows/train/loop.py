@@ -2,7 +2,7 @@
 
 Read top to bottom: build the model -> restore the latest checkpoint (model, optimizer, scheduler,
 RNG, step) -> for each step: next batch of this rank's share of the global batch (Ray Data, see
-``train_data``), normalise on the device, feature-cached accumulation, clip, AdamW step, clamp the
+``train.feed``), normalise on the device, feature-cached accumulation, clip, AdamW step, clamp the
 temperature -> every ``log_every`` steps metrics to MLflow (rank 0) -> every ``checkpoint_every``
 steps and at the end a clip_core checkpoint through ``ray.train.report``.
 
@@ -65,7 +65,7 @@ RunLogFactory = Callable[["RunSetup", int], RunLog]
 
 @dataclass(frozen=True)
 class RunSetup:
-    """Everything the driver resolved before starting workers (see ``pretrain.prepare_run``)."""
+    """Everything the driver resolved before starting workers (see ``train.driver.prepare_run``)."""
 
     run_name: str
     order: DataOrder
