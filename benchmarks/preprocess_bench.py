@@ -72,7 +72,7 @@ def main() -> None:
                  runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path[:1])}})
         run_preprocess(cfg)  # warm-up: starts the worker processes (imports torch etc.) once
         result = run_preprocess(cfg, force=True)
-        pipeline = result["run"]["samples_per_second"]
+        pipeline = result.samples_per_second
         ray.shutdown()
         # The machine is shared and noisy: measure the baseline before and after the pipeline and keep
         # the faster one, so load that comes and goes cannot flatter the ratio.
@@ -81,9 +81,9 @@ def main() -> None:
 
     print(f"single-process PIL loop : {baseline:8.1f} samples/s ({baseline_rows} samples; "
           f"{before:.1f} before, {after:.1f} after the pipeline)")
-    print(f"Ray Data pipeline       : {pipeline:8.1f} samples/s ({result['counts']['input']} samples, "
+    print(f"Ray Data pipeline       : {pipeline:8.1f} samples/s ({result.manifest.counts['input']} samples, "
           f"{args.cpus} logical CPUs on {os.cpu_count()} cores; whole run incl. dedup + shard writing "
-          f"{result['run']['wall_seconds']:.1f} s)")
+          f"{result.wall_seconds:.1f} s)")
     print(f"ratio                   : {pipeline / baseline:8.2f}x (goal >= 1.5x)")
 
 

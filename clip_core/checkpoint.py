@@ -14,6 +14,9 @@ No file is unpickled with code: the weights are safetensors, the training state 
 ``torch.load(weights_only=True)``. The hashes are integrity, not authenticity -- anyone who can
 write the directory can re-hash it -- so safety rests on the loaders, never on checkpoint.json.
 For the same reason a file that checkpoint.json does not list is refused (leftovers or tampering).
+``verify_checkpoint`` runs every check of a load without building the model, so a trainer can refuse a
+bad checkpoint before it starts workers. A writer killed mid-save leaves its temporary sibling behind;
+the next save to the same path removes those older than ``STALE_TMP_S``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import os
 import pickle
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +38,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from clip_core.model import CLIP, CLIPConfig, model_from_state_dict
+from clip_core.model import CLIP, CLIPConfig, create_model_from_config, model_from_state_dict
 from clip_core.tokenizer import Tokenizer
 
 # 2: weights in safetensors, the training state loadable with weights_only, unlisted files refused.
@@ -49,6 +53,7 @@ FORMAT_1_MODEL_FILE = "model.pt"  # format 1's weights: a plain state dict, stil
 # A numpy array in the training state is stored as {NDARRAY_TAG: its bytes, "dtype": ..., "shape": ...}.
 NDARRAY_TAG = "__clipflow_ndarray__"
 NUMERIC_KINDS = "biufc"  # bool, int, unsigned, float, complex: numpy dtypes whose bytes are the whole value
+STALE_TMP_S = 60 * 60  # a save's temporary sibling untouched this long belongs to a killed writer
 
 
 class CheckpointError(ValueError):
@@ -68,12 +73,7 @@ class Checkpoint:
         path = self.path / TRAINING_STATE_FILE
         if not path.exists():
             return None
-        try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise CheckpointError(f"{path} holds more than tensors and plain data, so it is refused "
-                                  f"(was it tampered with?); use another checkpoint") from exc
-        return _decode(state)
+        return _decode(_read_training_state(path, map_location))
 
 
 def save_checkpoint(directory: str | Path, model: CLIP, tokenizer: Tokenizer, *,
@@ -89,6 +89,7 @@ def save_checkpoint(directory: str | Path, model: CLIP, tokenizer: Tokenizer, *,
     encoded = None if training_state is None else _encode(training_state, "training_state")
     target = Path(directory).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(target)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -120,14 +121,8 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     """Verify that the directory holds exactly the files checkpoint.json lists, with their hashes,
     then rebuild the model and tokenizer."""
     path = Path(directory)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
     files = _verified_files(path)
-    try:
-        config = CLIPConfig.from_dict(_read_json(path / CONFIG_FILE, path))
-        tokenizer = Tokenizer.load(path / TOKENIZER_DIR)
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
+    config, tokenizer = _config_and_tokenizer(path)
     try:
         state_dict = safetensors.torch.load_file(path / MODEL_FILE, device=str(device))
     except safetensors.SafetensorError as exc:
@@ -136,12 +131,63 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
         model = model_from_state_dict(config, state_dict, device)
     except RuntimeError as exc:
         raise CheckpointError(f"{path / MODEL_FILE} does not fit {CONFIG_FILE}: {exc}") from exc
-    trainer_state = _read_json(path / TRAINER_STATE_FILE, path) if TRAINER_STATE_FILE in files else {}
-    return Checkpoint(model=model, tokenizer=tokenizer, trainer_state=trainer_state, path=path)
+    return Checkpoint(model=model, tokenizer=tokenizer, trainer_state=_trainer_state(path, files), path=path)
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """Raise CheckpointError (naming the file) for anything ``load_checkpoint`` or ``load_training_state``
+    would refuse: the file list and every hash, the config and tokenizer, the weights' names and shapes
+    against the config (the safetensors header; no tensor is read), the trainer state, and the training
+    state, unpickled with ``weights_only`` from a memory map (its tensors are not read either)."""
+    path = Path(directory)
+    files = _verified_files(path)
+    config, _ = _config_and_tokenizer(path)
+    try:
+        with safetensors.safe_open(path / MODEL_FILE, framework="pt") as weights:
+            shapes = {name: list(weights.get_slice(name).get_shape()) for name in weights.keys()}
+    except safetensors.SafetensorError as exc:
+        raise CheckpointError(f"{path / MODEL_FILE} is not a safetensors file ({exc}); use another checkpoint") from exc
+    expected = {name: list(t.shape) for name, t in create_model_from_config(config, device="meta").state_dict().items()}
+    if shapes != expected:
+        wrong = sorted(set(shapes) ^ set(expected)) + sorted(k for k in set(shapes) & set(expected)
+                                                             if shapes[k] != expected[k])
+        raise CheckpointError(f"{path / MODEL_FILE} does not fit {CONFIG_FILE}: {len(wrong)} tensor(s) missing, "
+                              f"unexpected or of another shape ({', '.join(wrong[:3])}...); use another checkpoint")
+    _trainer_state(path, files)
+    if TRAINING_STATE_FILE in files:
+        _read_training_state(path / TRAINING_STATE_FILE, "cpu", mmap=True)
+
+
+def _config_and_tokenizer(path: Path) -> tuple[CLIPConfig, Tokenizer]:
+    try:
+        return CLIPConfig.from_dict(_read_json(path / CONFIG_FILE, path)), Tokenizer.load(path / TOKENIZER_DIR)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
+def _trainer_state(path: Path, files: dict[str, str]) -> dict[str, Any]:
+    state = _read_json(path / TRAINER_STATE_FILE, path) if TRAINER_STATE_FILE in files else {}
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / TRAINER_STATE_FILE} is corrupt: expected an object; use another checkpoint")
+    return state
+
+
+def _read_training_state(path: Path, map_location: str | torch.device, mmap: bool = False) -> Any:
+    """The training state as saved (numpy arrays still encoded); never runs code from the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path} holds more than tensors and plain data, so it is refused "
+                              f"(was it tampered with?); use another checkpoint") from exc
+    except (RuntimeError, EOFError, UnicodeDecodeError) as exc:  # what a damaged zip archive raises
+        raise CheckpointError(f"{path} is not a readable training state ({str(exc).splitlines()[0]}); "
+                              f"use another checkpoint") from exc
 
 
 def _verified_files(path: Path) -> dict[str, str]:
     """checkpoint.json's file map, once every listed file matches its hash and no other file is there."""
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
     manifest = _read_json(path / MANIFEST, path)
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{path / MANIFEST} is corrupt: expected an object with a 'files' map")
@@ -241,6 +287,21 @@ def _sha256_and_sync(path: Path, sync: bool = True) -> str:
         if sync:
             os.fsync(f.fileno())
     return digest.hexdigest()
+
+
+def _remove_stale_tmp(target: Path) -> None:
+    """Delete the temporary directories that killed saves to ``target`` left (their old checkpoint, renamed
+    aside, only once ``target`` is back: until then it is the only copy)."""
+    cutoff = time.time() - STALE_TMP_S
+    leftovers = list(target.parent.glob(f".{target.name}.tmp-*"))
+    if target.exists():
+        leftovers += target.parent.glob(f".{target.name}.old-*")
+    for path in leftovers:
+        try:
+            if path.is_dir() and path.stat().st_mtime < cutoff:
+                shutil.rmtree(path)
+        except FileNotFoundError:  # another save removed it first
+            continue
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:

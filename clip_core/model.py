@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clip_core.lock import Group, batch_norms, image_groups, lock, text_groups
 from clip_core.model_configs import MODEL_CONFIGS, CLIPConfig, TextConfig, VisionConfig
 from clip_core.modified_resnet import ModifiedResNet
 from clip_core.transformer import Transformer, VisionTransformer, patches_kept
@@ -31,6 +32,7 @@ class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig) -> None:
         super().__init__()
         self.config = config
+        self.fixed_norms: list[nn.Module] = []  # BatchNorm layers kept in eval mode (lock_image_tower)
         v, t = config.vision, config.text
         if v.is_resnet:
             self.visual: nn.Module = ModifiedResNet(v.layers, config.embed_dim, v.heads, v.image_size, v.width)
@@ -85,15 +87,34 @@ class CLIP(nn.Module):
         if isinstance(self.visual, VisionTransformer):
             self.visual.transformer.grad_checkpointing = enable
 
-    def freeze_image(self) -> None:
-        """LiT-style locked image tower (Zhai et al., 2022): no gradients, fixed BatchNorm statistics."""
-        self.visual.freeze()
+    def image_layer_groups(self) -> list[Group]:
+        """The image tower's layer groups, input first (``clip_core.lock``)."""
+        return image_groups(self.visual)
 
-    def freeze_text(self) -> None:
-        for module in (self.token_embedding, self.transformer, self.ln_final):
-            module.requires_grad_(False)
-        self.positional_embedding.requires_grad_(False)
-        self.text_projection.requires_grad_(False)
+    def text_layer_groups(self) -> list[Group]:
+        """The text tower's layer groups, input first (``clip_core.lock``)."""
+        return text_groups(self.token_embedding, self.positional_embedding, self.transformer.resblocks,
+                           self.ln_final, self.text_projection)
+
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = True) -> None:
+        """LiT (Zhai et al., 2022): train only the image tower's last ``unlocked_groups`` layer groups.
+
+        ``freeze_bn_stats`` keeps the locked groups' BatchNorm layers in eval mode, so a locked ResNet
+        tower computes the function it was loaded with; OpenCLIP's default (False) lets their running
+        statistics drift in train mode."""
+        locked = lock(self.image_layer_groups(), unlocked_groups, "image")
+        self.fixed_norms = batch_norms(locked) if freeze_bn_stats else []
+        self.train(self.training)
+
+    def lock_text_tower(self, unlocked_groups: int = 0) -> None:
+        """LiT's locked text tower: train only its last ``unlocked_groups`` layer groups."""
+        lock(self.text_layer_groups(), unlocked_groups, "text")
+
+    def train(self, mode: bool = True) -> CLIP:
+        super().train(mode)
+        for norm in self.fixed_norms:  # a locked tower's BatchNorm statistics stay fixed
+            norm.eval()
+        return self
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Accepts OpenCLIP state dicts and raw OpenAI ones (whose metadata entries are dropped)."""

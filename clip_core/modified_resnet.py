@@ -72,7 +72,6 @@ class ModifiedResNet(nn.Module):
                  image_size: int = 224, width: int = 64) -> None:
         super().__init__()
         self.image_size = image_size
-        self.frozen = False
         self.conv1 = nn.Conv2d(3, width // 2, kernel_size=3, stride=2, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width // 2)
         self.conv2 = nn.Conv2d(width // 2, width // 2, kernel_size=3, padding=1, bias=False)
@@ -102,20 +101,6 @@ class ModifiedResNet(nn.Module):
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in stage:
                 nn.init.zeros_(block.bn3.weight)
-
-    def freeze(self) -> None:
-        """Stop training this tower: no gradients, and BatchNorm statistics stay fixed even in train()."""
-        self.requires_grad_(False)
-        self.frozen = True
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> ModifiedResNet:
-        super().train(mode)
-        if self.frozen:
-            for module in self.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    module.eval()
-        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))

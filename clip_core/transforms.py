@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import io
 import math
+from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -23,28 +24,39 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 class ImageDecodeError(ValueError):
     """Bytes that do not give a usable image. ``reason`` is a short code for reject counters:
-    "empty", "corrupt", "truncated" or "too_large"."""
+    "empty", "corrupt", "truncated", "too_large" or "format_not_allowed"."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
 
 
-def decode_image(data: bytes, max_pixels: int | None = None, draft_size: int | None = None) -> Image.Image:
-    """Decode image bytes to an RGB PIL image, refusing decompression bombs before decoding.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes for 16-bit greyscale (PNG gives I;16)
+
+
+def decode_image(data: bytes, max_pixels: int | None = None, draft_size: int | None = None,
+                 formats: Sequence[str] | None = None) -> Image.Image:
+    """Decode image bytes to an upright RGB PIL image, refusing decompression bombs before decoding.
 
     ``max_pixels``: width x height limit checked on the header (default: PIL's MAX_IMAGE_PIXELS).
     ``draft_size``: for JPEG, let libjpeg decode at 1/2, 1/4 or 1/8 scale (several times cheaper)
     while the shorter side stays >= draft_size; pass the short side you will resize to.
+    ``formats``: PIL format ids allowed to parse the bytes (None: every format PIL knows). Each PIL
+    plugin is attack surface; bytes another format would claim are "format_not_allowed".
+    EXIF orientation is applied (cameras store portraits sideways) and 16-bit greyscale is scaled to
+    8 bits (PIL's own conversion clips it, turning most of the picture white).
     """
     if not data:
         raise ImageDecodeError("empty", "zero bytes")
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=None if formats is None else list(formats))
     except Image.DecompressionBombError as exc:  # PIL's own guard (2x its global limit) fired first
         raise ImageDecodeError("too_large", str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - hostile bytes can make any PIL plugin raise anything
+        other = _claimed_by_other_format(data, formats) if formats is not None else None
+        if other is not None:
+            raise ImageDecodeError("format_not_allowed", f"{other} is not one of {', '.join(formats)}") from exc
         raise ImageDecodeError("corrupt", f"not a readable image ({exc})") from exc
     width, height = img.size
     if limit is not None and width * height > limit:
@@ -53,12 +65,34 @@ def decode_image(data: bytes, max_pixels: int | None = None, draft_size: int | N
         img.draft("RGB", (draft_size, draft_size))
     try:
         img.load()
+        if img.mode in SIXTEEN_BIT_MODES:
+            img = _sixteen_bit_to_l(img)
+        ImageOps.exif_transpose(img, in_place=True)
         return img if img.mode == "RGB" else img.convert("RGB")
     except Exception as exc:  # noqa: BLE001 - see above
         # PIL has no exception type for truncation; its messages say "truncated" (e.g. "image file
         # is truncated", "Truncated File Read").
         reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
         raise ImageDecodeError(reason, f"decoding failed ({exc})") from exc
+
+
+def _claimed_by_other_format(data: bytes, allowed: Sequence[str]) -> str | None:
+    """The first PIL format outside ``allowed`` whose signature check accepts the bytes' first 16 bytes:
+    the plugins' ``accept`` functions only compare magic numbers, so no foreign parser runs."""
+    Image.init()
+    prefix = data[:16]
+    for fmt, (_, accept) in Image.OPEN.items():
+        if fmt not in allowed and accept is not None and accept(prefix):
+            return fmt
+    return None
+
+
+def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
+    """16-bit greyscale -> 8-bit "L", 0..65535 mapped onto 0..255 with rounding (x / 257)."""
+    values = np.asarray(img).astype(np.int64).clip(0, 65535)
+    scaled = Image.fromarray(((values + 128) // 257).astype(np.uint8))  # uint8 (H, W): mode "L"
+    scaled.info = img.info  # keeps the EXIF orientation for exif_transpose
+    return scaled
 
 
 def _resize_short_side(img: Image.Image, size: int) -> Image.Image:

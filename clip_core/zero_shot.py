@@ -14,22 +14,49 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from clip_core.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
-def load_templates(path: str | None = None) -> list[str]:
-    """Prompt templates from a YAML list of strings with a "{}" for the class name;
-    None or "" = the default set shipped in clip_core/assets/templates.yaml."""
-    if path:
-        with open(path, encoding="utf-8") as f:
+# Built-in prompt sets ``load_templates`` (and ``eval.templates``) accept by name.
+BUILTIN_TEMPLATES = {"openai_imagenet": OPENAI_IMAGENET_TEMPLATES, "openai_imagenet_simple": SIMPLE_IMAGENET_TEMPLATES}
+# Built-in class name lists (``eval.classnames``): OpenAI's names of the 1000 ImageNet classes, in class-index
+# order (the sorted WordNet ids of an ImageNet ImageFolder).
+BUILTIN_CLASSNAMES = {"openai_imagenet": IMAGENET_CLASSNAMES}
+
+
+def load_templates(source: str | None = None) -> list[str]:
+    """Prompt templates, each with a "{}" for the class name: None or "" = the default set shipped in
+    clip_core/assets/templates.yaml; a ``BUILTIN_TEMPLATES`` name (``openai_imagenet``: the paper's 80);
+    a YAML list of strings; or a ``.txt`` file with one template per line (CLIP_benchmark's
+    ``zeroshot_classification_templates.txt``, whose ``{c}`` means the same as "{}")."""
+    if source in BUILTIN_TEMPLATES:
+        return list(BUILTIN_TEMPLATES[source])
+    if source and source.endswith(".txt"):
+        with open(source, encoding="utf-8") as f:
+            return templates_from_lines(f.read(), source)
+    if source:
+        with open(source, encoding="utf-8") as f:
             templates = yaml.safe_load(f)
-        source = path
     else:
         templates = yaml.safe_load(resources.files("clip_core").joinpath("assets/templates.yaml").read_text())
         source = "clip_core/assets/templates.yaml"
     if not isinstance(templates, list) or not templates:
-        raise ValueError(f"{source}: expected a non-empty YAML list of prompt templates like 'a photo of a {{}}.'")
-    bad = [t for t in templates if not isinstance(t, str) or "{}" not in t]
+        raise ValueError(f"{source}: expected a non-empty YAML list of prompt templates like 'a photo of a {{}}.' "
+                         f"(or one of the built-in sets {sorted(BUILTIN_TEMPLATES)})")
+    return _checked(templates, source)
+
+
+def templates_from_lines(text: str, source: str) -> list[str]:
+    """One template per non-empty line, CLIP_benchmark's ``{c}`` placeholder turned into "{}"."""
+    templates = [line.strip().replace("{c}", "{}") for line in text.splitlines() if line.strip()]
+    if not templates:
+        raise ValueError(f"{source}: no templates; write one per line, like 'a photo of a {{c}}.'")
+    return _checked(templates, source)
+
+
+def _checked(templates: list, source: str) -> list[str]:
+    bad = [t for t in templates if not isinstance(t, str) or t.count("{}") != 1]
     if bad:
-        raise ValueError(f"{source}: every template must be a string containing '{{}}' for the class name; "
+        raise ValueError(f"{source}: every template must be a string containing one '{{}}' for the class name; "
                          f"fix {bad[:3]}")
     return templates
 

@@ -37,6 +37,10 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # Ray Train V2 is the default in the pinned Ray; make it explicit for the suite.
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# Throwaway credentials for the loopback S3 server, set before any Ray runtime starts: workers get them
+# from their environment (as pods do from a Secret), never through runtime_env.
+os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"})
 # Ray workers import the project from source; make sure they find it.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
@@ -104,12 +108,6 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
-    os.environ.update({
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_REGION": "us-east-1",
-    })
     server = S3Server()
     try:
         yield server

@@ -77,11 +77,11 @@ def ray_head(num_cpus: int) -> Iterator[RayHead]:
                 f"--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:]) for p in logs))
         yield RayHead(address, token, tmp)
     finally:
-        _stop_ray_under(tmp)
+        stop_ray_under(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _stop_ray_under(tmp: Path) -> None:
+def stop_ray_under(tmp: Path) -> None:
     """Stop the Ray processes of this head only: those whose command line names its temp dir."""
     pids = []
     for proc in Path("/proc").iterdir():

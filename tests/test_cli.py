@@ -12,7 +12,7 @@ import pytest
 
 from workflows.ops.cli import COMMANDS, build_parser, main
 
-STAGES = ["sample-data", "preprocess", "train", "eval", "demo", "submit", "k8s"]
+STAGES = ["sample-data", "preprocess", "train", "eval", "demo", "submit", "k8s", "sync"]
 
 
 def test_help_lists_every_stage() -> None:
@@ -83,7 +83,7 @@ def test_log_level_flag_is_on_every_command() -> None:
 
 
 def _required(command: str) -> list[str]:
-    return {"k8s": ["render"], "eval": ["--pending"]}.get(command, [])
+    return {"k8s": ["render"], "eval": ["--pending"], "sync": ["DIR"]}.get(command, [])
 
 
 def test_readme_documents_every_exit_code() -> None:

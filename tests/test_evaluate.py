@@ -11,6 +11,7 @@ import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
+from test_eval_sets import image_folder_to_wds
 
 from clip_core import Tokenizer, create_model, load_checkpoint
 from clip_core.checkpoint import MODEL_FILE
@@ -64,16 +65,16 @@ def test_eval_one_version_logs_results_tags_and_aliases(env, tracking_uri_elsewh
     version = publish(client, name, env["run_id"], env["checkpoints"][0], step=10)
     cfg = _config(env, name)
     elsewhere = tracking_uri_elsewhere()
-    (result,) = run_eval(cfg, version=version)
-    assert result["status"] == "done", result  # the config's server was used throughout ...
+    (result,) = run_eval(cfg, version=version).outcomes
+    assert result.status == "done", result  # the config's server was used throughout ...
     assert os.environ["MLFLOW_TRACKING_URI"] == mlflow.get_tracking_uri() == elsewhere  # ... and only it
-    m = result["metrics"]
+    m = result.metrics
     for key in ("zeroshot/acc1", "zeroshot/acc5", "zeroshot/mean_per_class_recall",
                 "retrieval/image_retrieval_recall@1", "retrieval/text_retrieval_recall@5",
                 "retrieval/image_retrieval_recall@10"):
         assert 0.0 <= m[key] <= 1.0, key
     assert m["zeroshot/acc5"] == 1.0  # 3 classes: top-5 covers all
-    assert result["num_classes"] == 3 and m["zeroshot/images"] == 12
+    assert result.num_classes == 3 and m["zeroshot/images"] == 12
     # Ray Data's actor pool gives the same numbers as the in-process path (training's periodic eval)
     checkpoint = load_checkpoint(env["checkpoints"][0])
     local = zero_shot_in_process(checkpoint.model.eval(), checkpoint.tokenizer, cfg)
@@ -81,10 +82,10 @@ def test_eval_one_version_logs_results_tags_and_aliases(env, tracking_uri_elsewh
     assert local["zeroshot/mean_per_class_recall"] == pytest.approx(m["zeroshot/mean_per_class_recall"])
 
     mv = client.get_model_version(name, version)
-    assert mv.tags["eval_status"] == "done" and mv.tags["eval_run_id"] == result["eval_run_id"]
+    assert mv.tags["eval_status"] == "done" and mv.tags["eval_run_id"] == result.eval_run_id
     assert float(mv.tags["eval.zeroshot/acc1"]) == pytest.approx(m["zeroshot/acc1"], abs=1e-5)
-    assert set(result["aliases"]) == {"latest-evaluated", "champion"}
-    eval_run = client.get_run(result["eval_run_id"])
+    assert set(result.aliases) == {"latest-evaluated", "champion"}
+    eval_run = client.get_run(result.eval_run_id)
     assert eval_run.info.status == "FINISHED"
     assert eval_run.data.tags["clipflow.model_version"] == version
     assert eval_run.data.metrics["zeroshot/acc1"] == pytest.approx(m["zeroshot/acc1"])
@@ -127,18 +128,18 @@ def test_bad_versions_fail_with_reason_and_do_not_block_others(env):
     other.save(env["root"] / "other-tokenizer")
     mismatched = make_config(env["root"], env["server"].uri, name, zeroshot=env["zeroshot"])
     mismatched.tokenizer.source, mismatched.tokenizer.path = "path", str(env["root"] / "other-tokenizer")
-    (refused,) = run_eval(mismatched, version=good)
-    assert refused["status"] == "refused" and "tokenizer mismatch" in refused["reason"]
+    (refused,) = run_eval(mismatched, version=good).outcomes
+    assert refused.status == "refused" and "tokenizer mismatch" in refused.reason
     assert client.get_model_version(name, good).tags["eval_status"] == "pending"  # untouched
 
-    results = {r["version"]: r for r in run_eval(cfg, pending=True)}
-    assert results[good]["status"] == "done"
-    assert results[corrupt]["status"] == "failed" and f"{MODEL_FILE} is corrupt" in results[corrupt]["reason"]
-    assert results[missing]["status"] == "failed" and MODEL_FILE in results[missing]["reason"]
+    results = {r.version: r for r in run_eval(cfg, pending=True).outcomes}
+    assert results[good].status == "done"
+    assert results[corrupt].status == "failed" and f"{MODEL_FILE} is corrupt" in results[corrupt].reason
+    assert results[missing].status == "failed" and MODEL_FILE in results[missing].reason
     for version in (corrupt, missing):
         tags = client.get_model_version(name, version).tags
         assert tags["eval_status"] == "failed" and MODEL_FILE in tags["eval_reason"]
-    assert run_eval(cfg, pending=True) == []  # nothing left pending
+    assert run_eval(cfg, pending=True).outcomes == []  # nothing left pending
 
     with pytest.raises(UserError, match="does not exist"):
         run_eval(make_config(env["root"], env["server"].uri, "no-such-model"), pending=True)
@@ -170,3 +171,53 @@ def test_two_concurrent_eval_jobs_evaluate_each_version_exactly_once(env):
            if mv.tags.get("target_version") != "promote" and mv.tags.get("outcome") in ("won", "released")]
     assert sorted(mv.tags["target_version"] for mv in won) == sorted(versions)
     assert sum(out.count(": claimed by") for out in outputs) == len(versions)
+
+
+def test_eval_of_a_checkpoint_path_logs_a_run_and_leaves_the_registry_alone(env, capsys):
+    """`clipflow eval --checkpoint`: CLIP_benchmark webdataset sets, a linear probe, no registry."""
+    from workflows.ops.cli import main
+
+    client, name, root = env["client"], unique_name("ckpt"), env["root"]
+    zeroshot = image_folder_to_wds(env["zeroshot"], root / "wds" / "colours")
+    for split in ("train", "test"):
+        image_folder_to_wds(env["zeroshot"], root / "wds" / "probe", split)
+    checkpoint = str(env["checkpoints"][0])
+    args = ["eval", "--checkpoint", checkpoint, "--set", f"home={root}", "--set", f"mlflow.registered_model={name}",
+            "--set", f"mlflow.tracking_uri={env['server'].uri}", "--set", "mlflow.experiment=clipflow-tests",
+            "--set", f"eval.zeroshot=[{zeroshot}]", "--set", f"eval.retrieval=[{env['retrieval']}]",
+            "--set", f"eval.linear_probe=[{root / 'wds' / 'probe'}]", "--set", "eval.batch_size=8",
+            "--set", "eval.linear_probe_epochs=2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"{checkpoint}  done" in out and "probe/lp_acc1" in out and "colours/acc1" in out
+    experiment = client.get_experiment_by_name("clipflow-tests-eval")
+    (run,) = client.search_runs([experiment.experiment_id],
+                                filter_string=f"tags.`clipflow.checkpoint` = '{checkpoint}'")
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    assert {"colours/acc1", "probe/lp_acc1", "probe/lp_acc5", "probe/lp_mean_per_class_recall",
+            "retrieval/image_retrieval_recall_at_1"} <= set(metrics)
+    assert metrics["probe/lp_train_images"] == metrics["probe/lp_test_images"] == 12
+    ckpt = load_checkpoint(checkpoint)  # the webdataset set scores as the in-process path does
+    cfg = make_config(root, env["server"].uri, name, zeroshot=zeroshot)
+    local = zero_shot_in_process(ckpt.model.eval(), ckpt.tokenizer, cfg)
+    assert metrics["colours/acc1"] == pytest.approx(local["colours/acc1"])
+    assert client.search_registered_models(filter_string=f"name = '{name}'") == []  # no registry, no aliases
+
+    assert main(["eval", "--checkpoint", str(root / "nowhere"), "--set", f"home={root}"]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_many_classes_log_the_confusion_matrix_as_json_not_an_image(env):
+    from workflows.data.eval_sets import DatasetResult
+    from workflows.eval.plots import MAX_FIGURE_CLASSES, log_dataset
+
+    client, n = env["client"], MAX_FIGURE_CLASSES + 1
+    names = [f"class {i}" for i in range(n)]
+    confusion = torch.eye(n, dtype=torch.long).tolist()
+    run = client.create_run(client.get_experiment_by_name("clipflow-tests").experiment_id).info.run_id
+    log_dataset(client, run, "big", DatasetResult({}, [(c, 1.0, 1) for c in names], confusion, names))
+    assert {a.path for a in client.list_artifacts(run, "big")} == {"big/per_class_accuracy.json",
+                                                                   "big/confusion_matrix.json"}
+    saved = mlflow.artifacts.load_dict(f"{client.get_run(run).info.artifact_uri}/big/confusion_matrix.json")
+    assert saved == {"classes": names, "rows_true_columns_predicted": confusion}

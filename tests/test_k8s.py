@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import re
 import shlex
+import tomllib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -22,24 +23,39 @@ from workflows.common.config import load_config
 from workflows.common.errors import UserError
 from workflows.ops import k8s_render
 from workflows.ops.cli import COMMANDS, build_parser, main
-from workflows.ops.k8s_checks import KUBERNETES_VERSION, gpus_of, load_documents, manifest_files, validate_manifest
+from workflows.ops.k8s_checks import (KUBERNETES_VERSION, build_kustomization, gpus_of, kustomizations, kustomize_files,
+                                      load_documents, manifest_files, overlays, split_image, validate_manifest)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the checkout these tests belong to
 K8S = PROJECT_ROOT / "k8s"
+BASE = K8S / "base"
+DEFAULT_OVERLAY = K8S / "overlays" / "paper-vit-b32"  # what `kubectl apply -k k8s/` applies
 CLUSTER = PROJECT_ROOT / "ray_cluster.yaml"
 SECRET_TEMPLATES = sorted((K8S / "secrets").glob("*.template.yaml"))
 # Under k8s/ but deliberately not applied by `kubectl apply -k k8s/`: credentials are created by hand.
 # The operator's Helm values (README step 1): not a Kubernetes object.
 OPERATOR_VALUES = K8S / "kuberay-operator-values.yaml"
 NOT_IN_KUSTOMIZATION = {p.relative_to(K8S).as_posix() for p in [*SECRET_TEMPLATES, OPERATOR_VALUES]}
+# A digest pin, or a release tag (a version: never `latest` or a branch name, which move).
+PINNED_TAG = re.compile(r"v?\d+(\.\d+)+")
+PINNED_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # KubeRay 1.6 kinds whose controller the operator starts only behind a feature gate that is off by default.
 GATED_KINDS = {"RayCronJob": "RayCronJob"}
 
 
 def all_docs() -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every object shipped: as committed, then as each overlay builds it (patched, images pinned)."""
     for path in manifest_files(PROJECT_ROOT):
         for doc in load_documents(path):
             yield path, doc
+    for overlay in overlays(PROJECT_ROOT):
+        for doc in build_kustomization(overlay):
+            yield overlay, doc
+
+
+def mlflow_docs() -> dict[str, dict[str, Any]]:
+    """base/mlflow.yaml's objects by kind (ConfigMap, Service, Deployment, Job)."""
+    return {doc["kind"]: doc for doc in load_documents(BASE / "mlflow.yaml")}
 
 
 def ray_jobs() -> list[tuple[Path, dict[str, Any]]]:
@@ -91,7 +107,18 @@ def test_manifest_parses_and_validates(path: Path) -> None:
 def test_every_kind_is_checked_by_a_schema() -> None:
     kinds = {doc["kind"] for _, doc in all_docs()}
     assert {"RayCluster", "RayJob", "RayCronJob", "Namespace", "Deployment", "Service", "StatefulSet",
-            "ServiceAccount", "Role", "RoleBinding", "Secret", "NetworkPolicy"} <= kinds
+            "ServiceAccount", "Role", "RoleBinding", "Secret", "NetworkPolicy", "ConfigMap", "Job"} <= kinds
+
+
+@pytest.mark.parametrize("directory", kustomizations(PROJECT_ROOT),
+                         ids=lambda p: p.relative_to(PROJECT_ROOT).as_posix())
+def test_every_kustomization_builds_and_every_object_validates(directory: Path) -> None:
+    """What `kubectl apply -k DIR` would send: the built objects, after patches, namespace, labels and images."""
+    docs = build_kustomization(directory)
+    assert docs
+    for doc in docs:
+        assert validate_manifest(doc) == [], doc["metadata"]["name"]
+        assert doc["metadata"].get("namespace", "clipflow") == "clipflow"
 
 
 # --- the validators reject what the API server / operator would ---------------------------------------
@@ -147,9 +174,21 @@ BROKEN_CLUSTERS: dict[str, tuple[Callable[[dict], None], str]] = {
     "autoscaler escalates": (
         lambda d: d["spec"]["autoscalerOptions"]["securityContext"].pop("allowPrivilegeEscalation"),
         "autoscalerOptions: securityContext.allowPrivilegeEscalation"),
+    # the autoscaler's Kubernetes API token: there for the sidecar alone (KubeRay binds its Role to the head's SA)
+    "autoscaler without API token": (lambda d: d["spec"]["autoscalerOptions"].pop("volumeMounts"),
+                                     "the autoscaler cannot call the Kubernetes API"),
+    "token automounted into the Ray container": (lambda d: _head_pod(d).update(automountServiceAccountToken=True),
+                                                 "automountServiceAccountToken: set false"),
+    "Ray container mounts the token": (lambda d: _head_container(d)["volumeMounts"].append(
+        {"name": "kube-api-access", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}),
+        "only the autoscaler may"),
+    "workers share the head's account": (
+        lambda d: _gpu_group(d)["template"]["spec"].update(serviceAccountName="clipflow-ray-head"),
+        "uses the head's ServiceAccount"),
+    "head on the default account": (lambda d: _head_pod(d).pop("serviceAccountName"), "a ServiceAccount of the head"),
     "unlabelled for the network policies": (
         lambda d: _gpu_group(d)["template"]["metadata"]["labels"].pop("app.kubernetes.io/part-of"),
-        "k8s/networkpolicies.yaml selects pods by them"),
+        "k8s/base/networkpolicies.yaml selects pods by them"),
 }
 
 
@@ -164,7 +203,7 @@ def test_broken_ray_cluster_is_rejected(name: str) -> None:
 
 
 def _rayjob() -> dict[str, Any]:
-    return copy.deepcopy(load_documents(K8S / "rayjob-train.yaml")[0])
+    return copy.deepcopy(load_documents(DEFAULT_OVERLAY / "rayjob-train.yaml")[0])
 
 
 BROKEN_JOBS: dict[str, tuple[Callable[[dict], None], str]] = {
@@ -198,7 +237,7 @@ def test_broken_ray_job_is_rejected(name: str) -> None:
 
 
 def test_broken_core_manifests_are_rejected() -> None:
-    (service, deployment) = load_documents(K8S / "mlflow.yaml")
+    service, deployment = mlflow_docs()["Service"], mlflow_docs()["Deployment"]
     assert validate_manifest(deployment) == []
     bad = copy.deepcopy(deployment)
     bad["spec"]["replicas"] = "one"
@@ -233,7 +272,7 @@ BROKEN_MLFLOW: dict[str, tuple[Callable[[dict], None], str]] = {
 @pytest.mark.parametrize("name", list(BROKEN_MLFLOW))
 def test_broken_mlflow_deployment_is_rejected(name: str) -> None:
     mutate, expected = BROKEN_MLFLOW[name]
-    _, deployment = load_documents(K8S / "mlflow.yaml")
+    deployment = mlflow_docs()["Deployment"]
     assert validate_manifest(deployment) == []
     mutate(_mlflow_container(deployment))
     errors = validate_manifest(deployment)
@@ -241,7 +280,7 @@ def test_broken_mlflow_deployment_is_rejected(name: str) -> None:
 
 
 def test_escaped_references_are_not_expansions() -> None:
-    _, deployment = load_documents(K8S / "mlflow.yaml")
+    deployment = mlflow_docs()["Deployment"]
     _mlflow_container(deployment)["args"].append("--note=$$(DB_PASSWORD)")  # Kubernetes passes `$(DB_PASSWORD)` on
     assert validate_manifest(deployment) == []
 
@@ -249,22 +288,146 @@ def test_escaped_references_are_not_expansions() -> None:
 def test_kubernetes_schema_version_is_shipped() -> None:
     import kubernetes_validate
 
-    assert kubernetes_validate.validate(load_documents(K8S / "namespace.yaml")[0], KUBERNETES_VERSION,
+    assert kubernetes_validate.validate(load_documents(BASE / "namespace.yaml")[0], KUBERNETES_VERSION,
                                         strict=True) == KUBERNETES_VERSION.rsplit(".", 1)[0]
 
 
 # --- kustomize --------------------------------------------------------------------------------------
 
-def test_kustomization_lists_every_manifest() -> None:
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    listed = kustomization["resources"]
-    assert len(listed) == len(set(listed))
-    for resource in listed:
-        assert (K8S / resource).is_file(), f"kustomization lists missing {resource}"
-        assert load_documents(K8S / resource)
-    on_disk = {p.relative_to(K8S).as_posix() for p in K8S.rglob("*.yaml")} - {"kustomization.yaml"}
-    assert on_disk - set(listed) == NOT_IN_KUSTOMIZATION
-    assert kustomization["namespace"] == load_documents(K8S / "namespace.yaml")[0]["metadata"]["name"]
+def test_every_file_under_k8s_is_built_or_deliberately_left_out() -> None:
+    """Each YAML file is a kustomization, a resource or patch one of them reads, or on the known list."""
+    used: set[Path] = set()
+    for directory in kustomizations(PROJECT_ROOT):
+        resources, patches = kustomize_files(directory)
+        listed = [p.relative_to(directory.resolve()).as_posix() if p.is_relative_to(directory.resolve()) else p
+                  for p in resources]
+        assert len(listed) == len(set(listed)), directory
+        used |= {*resources, *patches}
+    on_disk = {p.relative_to(K8S).as_posix() for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml"}
+    assert on_disk - {p.relative_to(K8S.resolve()).as_posix() for p in used} == NOT_IN_KUSTOMIZATION
+    assert {p.relative_to(K8S.resolve()).as_posix() for p in used} & NOT_IN_KUSTOMIZATION == set()
+    namespace = load_documents(BASE / "namespace.yaml")[0]["metadata"]["name"]
+    for directory in kustomizations(PROJECT_ROOT):
+        spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
+        assert spec.get("namespace", namespace) == namespace
+
+
+def test_kubectl_apply_k8s_applies_the_default_overlay() -> None:
+    """README's `kubectl apply -k k8s/` keeps working: k8s/ builds exactly the paper ViT-B/32 overlay."""
+    assert build_kustomization(K8S) == build_kustomization(DEFAULT_OVERLAY)
+    kinds = {doc["kind"] for doc in build_kustomization(K8S)}
+    assert {"RayJob", "RayCronJob", "Deployment", "StatefulSet", "NetworkPolicy", "Job"} <= kinds
+    assert "kubectl apply -k k8s/" in (PROJECT_ROOT / "README.md").read_text()
+
+
+def built_images(directory: Path) -> set[str]:
+    return {c["image"] for doc in build_kustomization(directory) for c in containers(doc)}
+
+
+@pytest.mark.parametrize("overlay", overlays(PROJECT_ROOT), ids=lambda p: p.name)
+def test_every_overlay_pins_every_image(overlay: Path) -> None:
+    """Each image the overlay deploys is named in its `images:` with a digest or a release tag; the build
+    carries it. A digest that cannot exist yet (zeros) is no pin: tags until `kustomize edit set image`."""
+    pins = yaml.safe_load((overlay / "kustomization.yaml").read_text())["images"]
+    by_name = {pin["name"]: pin for pin in pins}
+    assert len(by_name) == len(pins)
+    for name, pin in by_name.items():
+        assert set(pin) <= {"name", "newName", "newTag", "digest"}, pin
+        if "digest" in pin:
+            assert PINNED_DIGEST.fullmatch(pin["digest"]) and len(set(pin["digest"][7:])) > 1, pin
+        else:
+            assert PINNED_TAG.fullmatch(str(pin.get("newTag", ""))), f"{overlay.name}: {name} is not pinned: {pin}"
+    for image in built_images(overlay):
+        name, tag, digest = split_image(image)
+        assert name in by_name, f"{overlay.name}: {image} is deployed but not pinned in its images:"
+        assert digest == by_name[name].get("digest", "") and tag == ("" if digest else by_name[name]["newTag"])
+
+
+def test_default_overlay_pins_the_versions_the_images_are_built_from() -> None:
+    import mlflow
+
+    pins = {p["name"]: p for p in yaml.safe_load((DEFAULT_OVERLAY / "kustomization.yaml").read_text())["images"]}
+    version = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert pins["ghcr.io/clipflow/clipflow"]["newTag"] == version
+    assert pins["ghcr.io/clipflow/mlflow"]["newTag"] == mlflow.__version__
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert "kustomize edit set image" in readme
+
+
+# --- the offline kustomize build is kustomize's ---------------------------------------------------------
+
+def write_kustomization(directory: Path, spec: dict[str, Any], **files: Any) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "kustomization.yaml").write_text(yaml.safe_dump(spec))
+    for name, docs in files.items():
+        (directory / name.replace("__", ".")).write_text(yaml.safe_dump_all(docs if isinstance(docs, list) else [docs]))
+    return directory
+
+
+DEPLOYMENT = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "other"},
+              "spec": {"template": {"spec": {"containers": [
+                  {"name": "app", "image": "reg.example:5000/app:1.0", "env": [{"name": "A", "value": "1"}],
+                   "resources": {"limits": {"cpu": "1"}}},
+                  {"name": "side", "image": "busybox@sha256:" + "ab" * 32}]}}}}
+BINDING = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "b"},
+           "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "r"},
+           "subjects": [{"kind": "ServiceAccount", "name": "sa", "namespace": "default"}]}
+
+
+def test_offline_build_merges_patches_sets_namespace_labels_and_images(tmp_path: Path) -> None:
+    base = write_kustomization(tmp_path / "base", {"resources": ["app__yaml"]}, app__yaml=[DEPLOYMENT, BINDING])
+    (base / "kustomization.yaml").write_text(yaml.safe_dump({"resources": ["app.yaml"]}))
+    patch = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+             "spec": {"template": {"spec": {"containers": [
+                 {"name": "app", "env": [{"name": "B", "value": "2"}], "resources": {"limits": {"memory": "1Gi"}}},
+                 {"name": "new", "image": "app"}]}}}}
+    overlay = write_kustomization(tmp_path / "overlay", {
+        "resources": ["../base"], "namespace": "clipflow", "patches": [{"path": "patch.yaml"}],
+        "labels": [{"pairs": {"team": "ml"}}],
+        "images": [{"name": "reg.example:5000/app", "newTag": "2.0"}, {"name": "app", "newName": "reg.example/app",
+                                                                       "digest": "sha256:" + "cd" * 32}]},
+        patch__yaml=patch)
+    deployment, binding = build_kustomization(overlay)
+    app, side, new = deployment["spec"]["template"]["spec"]["containers"]
+    assert [v["name"] for v in app["env"]] == ["A", "B"]  # merged by name, not replaced
+    assert app["resources"]["limits"] == {"cpu": "1", "memory": "1Gi"}
+    assert app["image"] == "reg.example:5000/app:2.0" and side["image"] == DEPLOYMENT["spec"]["template"]["spec"][
+        "containers"][1]["image"]
+    assert new["image"] == "reg.example/app@sha256:" + "cd" * 32
+    assert deployment["metadata"]["namespace"] == "clipflow" and deployment["metadata"]["labels"] == {"team": "ml"}
+    assert binding["subjects"][0]["namespace"] == "clipflow"
+
+
+def test_offline_build_replaces_custom_resource_lists_as_kustomize_does(tmp_path: Path) -> None:
+    job = _rayjob()
+    groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    patch = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": job["metadata"]["name"]},
+             "spec": {"rayClusterSpec": {"workerGroupSpecs": [{**groups[0], "maxReplicas": 1}]}}}
+    overlay = write_kustomization(tmp_path / "o", {"resources": ["job.yaml"], "patches": [{"path": "p.yaml"}]},
+                                  job__yaml=job, p__yaml=patch)
+    (built,) = build_kustomization(overlay)
+    assert built["spec"]["rayClusterSpec"]["workerGroupSpecs"] == [{**groups[0], "maxReplicas": 1}]
+
+
+@pytest.mark.parametrize("spec, files, message", [
+    ({"resources": ["a.yaml"], "configMapGenerator": []}, {"a__yaml": BINDING}, "not supported by this offline build"),
+    ({"resources": ["../outside.yaml"]}, {}, "outside"),
+    ({"resources": ["a.yaml", "b.yaml"]}, {"a__yaml": BINDING, "b__yaml": BINDING}, "defined more than once"),
+    ({"resources": ["a.yaml"], "patches": [{"path": "p.yaml", "target": {"kind": "RoleBinding"}}]},
+     {"a__yaml": BINDING, "p__yaml": BINDING}, "exactly one of path/patch"),
+    ({"resources": ["a.yaml"], "patches": [{"patch": "- {op: remove, path: /subjects}"}]}, {"a__yaml": BINDING},
+     "JSON 6902 patches are not supported"),
+    ({"resources": ["a.yaml"], "patches": [{"patch": "{kind: RoleBinding, metadata: {name: nope}}"}]},
+     {"a__yaml": BINDING}, "matches 0 objects"),
+    ({"resources": ["a.yaml"], "labels": [{"pairs": {"x": "y"}, "includeSelectors": True}]}, {"a__yaml": BINDING},
+     "not supported by this build"),
+])
+def test_offline_build_refuses_what_it_does_not_implement(tmp_path: Path, spec: dict, files: dict,
+                                                          message: str) -> None:
+    (tmp_path / "outside.yaml").write_text(yaml.safe_dump(BINDING))
+    directory = write_kustomization(tmp_path / "k", spec, **files)
+    with pytest.raises(UserError, match=message):
+        build_kustomization(directory)
 
 
 # --- the operator runs what the manifests need ---------------------------------------------------------
@@ -314,12 +477,62 @@ def test_one_project_image_everywhere() -> None:
     assert len(images) == 1 and images == configs
 
 
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined and comments dropped."""
+    lines = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
+    text = "\n".join(lines).replace("\\\n", " ")
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
+            for line in text.splitlines() if line.strip()]
+
+
+def pip_installs(path: Path) -> list[list[str]]:
+    """argv of every `pip install` the Dockerfile's RUN steps execute, in order."""
+    out = []
+    for instruction, args in dockerfile_instructions(path):
+        if instruction != "RUN":
+            continue
+        lexer = shlex.shlex(args, posix=True, punctuation_chars=True)  # quotes kept, `&&`, `(` ... split off
+        lexer.whitespace_split = True
+        argv: list[str] = []
+        for token in [*lexer, ";"]:
+            if token in ("&&", "||", ";", "(", ")", "|"):
+                if argv[:2] == ["pip", "install"]:
+                    out.append(argv[2:])
+                argv = []
+            else:
+                argv.append(token)
+    return out
+
+
+def test_image_installs_the_project_as_users_do_on_the_images_torch() -> None:
+    """Not editable, with the gpu extra, and no torch that pip picks: torch, numpy and ray are constraints
+    taken from the image, torch present in them (the image's, else TORCH_VERSION installed by name first)."""
+    dockerfile = PROJECT_ROOT / "Dockerfile"
+    installs = pip_installs(dockerfile)
+    (project,) = [argv for argv in installs if any(a.startswith(".") for a in argv)]
+    assert project[-1] == ".[gpu]" and not {"-e", "--editable"} & set(project)
+    constraints = project[project.index("-c") + 1]
+    run = " ".join(args for instruction, args in dockerfile_instructions(dockerfile) if instruction == "RUN")
+    assert f"grep -iE '^(torch|numpy|ray)==' > {constraints}" in run
+    assert f"grep -q '^torch==' {constraints}" in run, "the build must fail rather than let pip pick a torch"
+    torch_installs = [argv for argv in installs if any(a.startswith("torch") for a in argv)]
+    assert torch_installs == [["--no-cache-dir", "torch==${TORCH_VERSION}"]]
+    assert installs.index(torch_installs[0]) < installs.index(project)
+    for argv in installs:  # anything else brings no dependencies, so no torch either
+        assert argv in (project, torch_installs[0]) or "--no-deps" in argv, argv
+    args = dict(a.split("=", 1) for i, a in dockerfile_instructions(dockerfile) if i == "ARG")
+    makefile_pin = re.search(r"^TORCH_PIN \?= torch==(\S+)$", (PROJECT_ROOT / "Makefile").read_text(), re.M).group(1)
+    assert args["TORCH_VERSION"] == makefile_pin
+    extras = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [r for r in extras["gpu"] if r.startswith("nvidia-ml-py")], extras["gpu"]
+
+
 def test_mlflow_image_matches_pinned_mlflow() -> None:
     import mlflow
 
     dockerfile = (K8S / "mlflow.Dockerfile").read_text()
     assert re.search(r"^FROM ghcr\.io/mlflow/mlflow:v(\S+)$", dockerfile, re.M).group(1) == mlflow.__version__
-    _, deployment = load_documents(K8S / "mlflow.yaml")
+    deployment = mlflow_docs()["Deployment"]
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["image"].endswith(f":{mlflow.__version__}")
     assert f"-t {container['image']}" in dockerfile  # the build command produces the deployed tag
@@ -359,7 +572,7 @@ def test_entrypoints_are_real_clipflow_commands() -> None:
 
 
 def test_configs_track_to_the_in_cluster_mlflow_service() -> None:
-    service, _ = load_documents(K8S / "mlflow.yaml")
+    service = mlflow_docs()["Service"]
     port = service["spec"]["ports"][0]["port"]
     name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
     for config in referenced_configs():
@@ -393,7 +606,7 @@ def test_gpu_workers_request_gpus_and_tolerate_gpu_nodes() -> None:
 
 # --- clipflow k8s render ------------------------------------------------------------------------------
 
-GENERATED = sorted(p for p in K8S.glob("ray*job-*.yaml"))
+GENERATED = sorted(p for p in K8S.rglob("ray*job-*.yaml"))
 
 
 @pytest.mark.parametrize("path", GENERATED, ids=lambda p: p.name)

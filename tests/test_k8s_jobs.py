@@ -1,10 +1,10 @@
 """`clipflow k8s run` / `clipflow k8s status` against a fake Kubernetes API server.
 
 No cluster runs here, so a small HTTP server on loopback plays the API server for the RayJob paths the
-`kubernetes` client calls (GET, LIST, merge PATCH), seeded with the committed k8s/rayjob-*.yaml as
-`kubectl apply -k k8s/` creates them (suspended). A resumed RayJob moves one status step per GET, the
-way the KubeRay operator would over minutes. The client reaches it through a generated kubeconfig with
-a bearer token, exactly as it reaches a real cluster.
+`kubernetes` client calls (GET, LIST, merge PATCH), seeded with the committed
+k8s/overlays/paper-vit-b32/rayjob-*.yaml as `kubectl apply -k k8s/` creates them (suspended). A resumed
+RayJob moves one status step per GET, the way the KubeRay operator would over minutes. The client reaches
+it through a generated kubeconfig with a bearer token, exactly as it reaches a real cluster.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class FakeKube(ThreadingHTTPServer):
     def add(self, stage: str, script: list[tuple[str, str]] = SUCCEEDS, suspended: bool = True,
             **status: str) -> str:
         """The committed RayJob of ``stage`` as `kubectl apply -k k8s/` creates it; returns its name."""
-        (doc,) = load_documents(K8S / f"rayjob-{stage}.yaml")
+        (doc,) = load_documents(K8S / "overlays" / "paper-vit-b32" / f"rayjob-{stage}.yaml")
         doc = copy.deepcopy(doc)
         doc["spec"]["suspend"] = suspended
         doc["status"] = status or {"jobDeploymentStatus": "Suspended"}
@@ -405,7 +405,7 @@ def test_deployer_role_grants_every_verb_the_commands_use(kube: FakeKube) -> Non
     assert main(["k8s", "status", "--config", CONFIG]) == 0
     used = {s.verb for s in kube.seen}
     assert used == {"get", "list", "patch"}
-    role = next(d for d in load_documents(K8S / "rbac.yaml") if d["kind"] == "Role"
+    role = next(d for d in load_documents(K8S / "base" / "rbac.yaml") if d["kind"] == "Role"
                 and d["metadata"]["name"] == "clipflow-deployer")
     granted = {verb for rule in role["rules"] if "ray.io" in rule["apiGroups"] and "rayjobs" in rule["resources"]
                for verb in rule["verbs"]}

@@ -19,7 +19,7 @@ import pytest
 
 from workflows.common.config import load_config
 from workflows.ops import k8s_render
-from workflows.ops.k8s_checks import load_documents, manifest_files, ray_groups
+from workflows.ops.k8s_checks import build_kustomization, load_documents, manifest_files, overlays, ray_groups
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 K8S = PROJECT_ROOT / "k8s"
@@ -59,6 +59,7 @@ def manifest_pods() -> list[Endpoint]:
     """One endpoint per pod template: shipped manifests and what `k8s render` writes for every config."""
     ips = (f"10.244.{i // 250}.{i % 250 + 1}" for i in range(10_000))
     docs = [doc for path in manifest_files(PROJECT_ROOT) for doc in load_documents(path)]
+    docs += [doc for overlay in overlays(PROJECT_ROOT) for doc in build_kustomization(overlay)]
     for config in sorted((PROJECT_ROOT / "configs").glob("*.yaml")):
         cfg = load_config(config)
         docs += [k8s_render.render(cfg, str(config), stage) for stage in k8s_render.STAGES]
@@ -66,7 +67,7 @@ def manifest_pods() -> list[Endpoint]:
     pods: list[Endpoint] = []
     for doc in docs:
         kind, name = doc["kind"], doc["metadata"]["name"]
-        if kind in ("Deployment", "StatefulSet"):
+        if kind in ("Deployment", "StatefulSet", "Job"):
             pods.append(Endpoint(doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"],
                                  next(ips), NAMESPACE, doc["spec"]["template"]["metadata"]["labels"]))
         elif kind == "RayCluster":
@@ -86,7 +87,8 @@ def first(role: str) -> Endpoint:
     return next(p for p in PODS if p.role == role)
 
 
-HEAD, WORKER, SUBMITTER, MLFLOW, POSTGRES = map(first, ["ray-head", "ray-worker", "submitter", "mlflow", "postgres"])
+HEAD, WORKER, SUBMITTER, MLFLOW, POSTGRES, USERS_JOB = map(first, ["ray-head", "ray-worker", "submitter", "mlflow",
+                                                                   "postgres", "mlflow-users"])
 # Pods clipflow does not create, and addresses outside the cluster.
 STRANGER = Endpoint("stranger", "10.244.200.1", NAMESPACE, {"run": "debug"})  # `kubectl run` in the namespace
 IMPOSTOR = Endpoint("impostor", "10.244.200.2", NAMESPACE,  # claims to be part of clipflow, is not a Ray pod
@@ -104,7 +106,7 @@ OUTSIDERS = [STRANGER, IMPOSTOR, LOOKALIKE, OPERATOR, DNS]
 
 @functools.cache
 def policies() -> list[dict[str, Any]]:
-    docs = load_documents(K8S / "networkpolicies.yaml")
+    docs = load_documents(K8S / "base" / "networkpolicies.yaml")
     assert {d["kind"] for d in docs} == {"NetworkPolicy"}
     assert {d["metadata"]["namespace"] for d in docs} == {NAMESPACE}
     return docs
@@ -171,7 +173,7 @@ def allowed(src: Endpoint, dst: Endpoint, port: int, protocol: str = "TCP") -> b
 
 def test_every_pod_template_is_modelled() -> None:
     roles = {p.role for p in PODS}
-    assert roles == {"ray-head", "ray-worker", "submitter", "mlflow", "postgres"}
+    assert roles == {"ray-head", "ray-worker", "submitter", "mlflow", "postgres", "mlflow-users"}
     assert len({p.labels["app.kubernetes.io/component"] for p in PODS if p.role == "ray-worker"}) == 2
 
 
@@ -182,14 +184,16 @@ def test_a_default_deny_isolates_every_pod() -> None:
     assert not allowed(STRANGER, MLFLOW, 5000) and not allowed(MLFLOW, STRANGER, 8080)
 
 
+EVERY_ROLE = {"ray-head", "ray-worker", "submitter", "mlflow", "postgres", "mlflow-users"}
 EXPECTED_SELECTION = {
-    "clipflow-default-deny": {"ray-head", "ray-worker", "submitter", "mlflow", "postgres"},
-    "clipflow-dns": {"ray-head", "ray-worker", "submitter", "mlflow", "postgres"},
+    "clipflow-default-deny": EVERY_ROLE,
+    "clipflow-dns": EVERY_ROLE,
     "clipflow-ray": RAY_ROLES,
     "clipflow-ray-head": {"ray-head"},
     "clipflow-ray-job-submitter": {"submitter"},
     "clipflow-mlflow": {"mlflow"},
     "clipflow-postgres": {"postgres"},
+    "clipflow-mlflow-users": {"mlflow-users"},
 }
 
 
@@ -214,12 +218,14 @@ OPEN = [
     ("Ray -> MLflow", WORKER, MLFLOW, 5000, "TCP"),
     ("Ray head (driver) -> MLflow", HEAD, MLFLOW, 5000, "TCP"),
     ("MLflow -> PostgreSQL", MLFLOW, POSTGRES, 5432, "TCP"),
+    ("mlflow-users Job -> MLflow", USERS_JOB, MLFLOW, 5000, "TCP"),
     ("submitter -> head Jobs API", SUBMITTER, HEAD, 8265, "TCP"),
     ("operator -> head Jobs API", OPERATOR, HEAD, 8265, "TCP"),
     ("Ray -> S3", WORKER, S3, 443, "TCP"),
     ("MLflow -> S3 (artifacts)", MLFLOW, S3, 443, "TCP"),
     ("head autoscaler -> API server", HEAD, API_SERVER, 443, "TCP"),
-    *[(f"{pod.role} -> DNS/{proto}", pod, DNS, 53, proto) for pod in (HEAD, WORKER, SUBMITTER, MLFLOW, POSTGRES)
+    *[(f"{pod.role} -> DNS/{proto}", pod, DNS, 53, proto) for pod in (HEAD, WORKER, SUBMITTER, MLFLOW, POSTGRES,
+                                                                    USERS_JOB)
       for proto in ("UDP", "TCP")],
 ]
 
@@ -247,6 +253,10 @@ CLOSED = [
     ("worker -> API server", WORKER, API_SERVER, 443, "TCP"),
     ("Ray -> a pod in another namespace", WORKER, LOOKALIKE, 8265, "TCP"),
     ("Ray -> DNS on another port", WORKER, DNS, 8080, "TCP"),
+    ("mlflow-users Job -> PostgreSQL", USERS_JOB, POSTGRES, 5432, "TCP"),
+    ("mlflow-users Job -> Ray head", USERS_JOB, HEAD, 8265, "TCP"),
+    ("mlflow-users Job -> S3", USERS_JOB, S3, 443, "TCP"),
+    ("stranger -> mlflow-users Job", STRANGER, USERS_JOB, 8080, "TCP"),
 ]
 
 
@@ -276,9 +286,9 @@ def test_postgres_admits_only_mlflow() -> None:
     assert {e.role for e in [*PODS, *OUTSIDERS] if allowed(e, POSTGRES, 5432)} == {"mlflow"}
 
 
-def test_mlflow_admits_ray_pods_and_nothing_else() -> None:
-    assert admitted(MLFLOW, 5000) == RAY_ROLES
-    assert {e.role for e in [*PODS, *OUTSIDERS] if allowed(e, MLFLOW, 5000)} == RAY_ROLES
+def test_mlflow_admits_ray_pods_and_the_users_job_and_nothing_else() -> None:
+    assert admitted(MLFLOW, 5000) == RAY_ROLES | {"mlflow-users"}
+    assert {e.role for e in [*PODS, *OUTSIDERS] if allowed(e, MLFLOW, 5000)} == RAY_ROLES | {"mlflow-users"}
 
 
 def test_the_head_dashboard_is_reachable_only_from_clipflow_and_the_operator() -> None:

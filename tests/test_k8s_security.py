@@ -19,20 +19,25 @@ import pytest
 from workflows.common.config import load_config
 from workflows.common.errors import UserError
 from workflows.ops import k8s_render
-from workflows.ops.k8s_checks import (KUBERNETES_VERSION, check_pod_spec, load_documents, manifest_files, pod_specs,
-                                      ray_groups)
+from workflows.ops.k8s_checks import (API_TOKEN_DIR, KUBERNETES_VERSION, build_kustomization, check_pod_spec,
+                                      load_documents, manifest_files, overlays, pod_specs, ray_groups)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 K8S = PROJECT_ROOT / "k8s"
+BASE = K8S / "base"
 CONFIGS = sorted((PROJECT_ROOT / "configs").glob("*.yaml"))
 RAY_KINDS = ("RayCluster", "RayJob", "RayCronJob")
 _REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
 
 def shipped_docs() -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every object as committed, then as each overlay builds it (what `kubectl apply -k` sends)."""
     for path in manifest_files(PROJECT_ROOT):
         for i, doc in enumerate(load_documents(path)):
             yield f"{path.relative_to(PROJECT_ROOT)}[{i}]", doc
+    for overlay in overlays(PROJECT_ROOT):
+        for i, doc in enumerate(build_kustomization(overlay)):
+            yield f"{overlay.relative_to(PROJECT_ROOT)}[{i}]", doc
 
 
 def rendered_docs() -> Iterator[tuple[str, dict[str, Any]]]:
@@ -105,7 +110,7 @@ def test_the_long_running_cluster_token_is_where_the_readme_says() -> None:
 # --- C: the restricted Pod Security Standard ------------------------------------------------------------
 
 def test_namespace_enforces_restricted() -> None:
-    (namespace,) = load_documents(K8S / "namespace.yaml")
+    (namespace,) = load_documents(BASE / "namespace.yaml")
     labels = namespace["metadata"]["labels"]
     for mode in ("enforce", "warn", "audit"):
         assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted"
@@ -152,10 +157,117 @@ def test_no_secret_is_expanded_into_a_command_line() -> None:
 
 
 def test_mlflow_gets_its_database_password_from_the_environment() -> None:
-    _, deployment = load_documents(K8S / "mlflow.yaml")
-    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    (c,) = mlflow_objects()["Deployment"]["spec"]["template"]["spec"]["containers"]
     assert "MLFLOW_BACKEND_STORE_URI" in secret_derived(c)
     assert not [a for a in c["args"] if "postgresql://" in a or "backend-store-uri" in a]
+
+
+# --- F: MLflow authentication ---------------------------------------------------------------------------
+
+def mlflow_objects() -> dict[str, dict[str, Any]]:
+    return {doc["kind"]: doc for doc in load_documents(BASE / "mlflow.yaml")}
+
+
+def env_of(c: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {var["name"]: var for var in c.get("env", [])}
+
+
+def secret_ref(var: dict[str, Any]) -> tuple[str, str]:
+    ref = var["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+def test_mlflow_server_requires_a_login_with_the_admin_from_a_secret() -> None:
+    """basic-auth on, its config file mounted from the ConfigMap, every credential from a Secret by env."""
+    import configparser
+
+    objects = mlflow_objects()
+    (c,) = objects["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert "--app-name=basic-auth" in c["args"]
+    env = env_of(c)
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert secret_ref(env[name]) == ("clipflow-mlflow-admin", name)
+    assert {secret_ref(env[n]) for n in ("PGUSER", "PGPASSWORD")} == {("clipflow-db", "POSTGRES_USER"),
+                                                                    ("clipflow-db", "POSTGRES_PASSWORD")}
+    assert not [a for a in [*c["command"], *c["args"]] if "password" in a.lower()]
+    config_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == str(config_path.parent)]
+    (volume,) = [v for v in objects["Deployment"]["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert volume["configMap"]["name"] == objects["ConfigMap"]["metadata"]["name"]
+    ini = configparser.ConfigParser()
+    ini.read_string(objects["ConfigMap"]["data"][config_path.name])
+    assert "@" not in ini["mlflow"]["database_uri"], "the auth store URI must hold no credentials (PGPASSWORD does)"
+    assert ini["mlflow"]["default_permission"] == "READ" and "admin_password" not in ini["mlflow"]
+
+
+def test_the_users_job_runs_the_shipped_script_as_admin_with_every_identity() -> None:
+    job = mlflow_objects()["Job"]
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == mlflow_objects()["Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"]
+    script = Path(c["command"][-1]).name
+    assert (K8S / script).is_file() and f"COPY {script} " in (K8S / "mlflow.Dockerfile").read_text()
+    env = env_of(c)
+    assert secret_ref(env["MLFLOW_TRACKING_PASSWORD"]) == ("clipflow-mlflow-admin", "MLFLOW_AUTH_ADMIN_PASSWORD")
+    for who in ("TRAIN", "EVAL"):
+        assert secret_ref(env[f"CLIPFLOW_{who}_PASSWORD"]) == (f"clipflow-mlflow-{who.lower()}",
+                                                               "MLFLOW_TRACKING_PASSWORD")
+
+
+def ray_containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for _, group in ray_groups(cluster_spec(doc)) for c in group["template"]["spec"]["containers"]]
+
+
+def test_each_stage_logs_in_to_mlflow_as_its_own_identity() -> None:
+    """From a Secret by secretKeyRef, never in argv: train as clipflow-train, eval as clipflow-eval, and
+    preprocess, which never calls MLflow, with no MLflow credentials at all."""
+    expected = {"train": "clipflow-mlflow-train", "eval": "clipflow-mlflow-eval", "eval-scheduled":
+                "clipflow-mlflow-eval", "preprocess": None}
+    checked = 0
+    for where, doc in rendered_docs():
+        secret = expected[where.split(":")[1]]
+        for c in ray_containers(doc):
+            env = env_of(c)
+            names = {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
+            if secret is None:
+                assert not names & set(env), where
+            else:
+                assert {secret_ref(env[n]) for n in names} == {(secret, n) for n in names}, where
+            checked += 1
+    (cluster,) = load_documents(PROJECT_ROOT / "ray_cluster.yaml")
+    assert all(secret_ref(env_of(c)["MLFLOW_TRACKING_PASSWORD"])[0] == "clipflow-mlflow-train"
+               for c in ray_containers(cluster))
+    assert checked
+
+
+# --- G: the autoscaler's Kubernetes API token -----------------------------------------------------------
+
+def test_only_the_autoscaler_holds_a_kubernetes_api_token() -> None:
+    """KubeRay binds its autoscaler Role to the head pod's ServiceAccount and the sidecar needs that account's
+    token. The head's account is its own, mounts nothing by default, and every head pod projects the token
+    into the autoscaler alone; every other pod runs without one."""
+    accounts = {d["metadata"]["name"]: d for d in load_documents(BASE / "rbac.yaml") if d["kind"] == "ServiceAccount"}
+    heads = set()
+    for where, doc in all_docs():
+        if doc["kind"] not in RAY_KINDS:
+            for path, pod in pod_specs(doc):
+                assert pod.get("automountServiceAccountToken", accounts[pod["serviceAccountName"]].get(
+                    "automountServiceAccountToken")) is False, f"{where}.{path}"
+            continue
+        spec = cluster_spec(doc)
+        head = spec["headGroupSpec"]["template"]["spec"]
+        heads.add(head["serviceAccountName"])
+        assert head["automountServiceAccountToken"] is False, where
+        projected = {v["name"] for v in head["volumes"]
+                     if any("serviceAccountToken" in s for s in v.get("projected", {}).get("sources", []))}
+        assert {m["name"] for m in spec["autoscalerOptions"]["volumeMounts"] if m["mountPath"] == API_TOKEN_DIR} \
+            == projected, where
+        for path, pod in pod_templates(doc):
+            if path != "headGroupSpec":
+                assert pod["serviceAccountName"] not in heads and accounts[pod["serviceAccountName"]][
+                    "automountServiceAccountToken"] is False, f"{where}.{path}"
+            for c in containers(pod):
+                assert not {m["name"] for m in c.get("volumeMounts", [])} & projected, f"{where}.{path}"
+    assert heads == {"clipflow-ray-head"} and accounts["clipflow-ray-head"]["automountServiceAccountToken"] is False
 
 
 # --- D: a deadline from the run config ------------------------------------------------------------------
@@ -181,7 +293,7 @@ def test_cluster_configs_bound_their_jobs_at_one_and_a_half_times_their_wall_tim
 
 
 def test_committed_jobs_carry_the_deadline() -> None:
-    for path in sorted(K8S.glob("ray*job-*.yaml")):
+    for path in sorted(K8S.rglob("ray*job-*.yaml")):
         (doc,) = load_documents(path)
         argv = shlex.split(re.search(r"`(clipflow k8s render .*)`", path.read_text()).group(1))
         cfg = load_config(PROJECT_ROOT / argv[argv.index("--config") + 1])

@@ -155,9 +155,9 @@ def test_grad_checkpointing_gives_the_same_gradients(monkeypatch):
 
 @pytest.mark.parametrize("name", SMALL)
 @pytest.mark.parametrize("tower", ["image", "text"])
-def test_freeze_tower(name, tower):
+def test_lock_tower(name, tower):
     model = create_model(name)
-    getattr(model, f"freeze_{tower}")()
+    getattr(model, f"lock_{tower}_tower")()
     model.train()
     bn_before = {n: b.clone() for n, b in model.visual.named_buffers()}
     images, tokens = inputs(model)

@@ -35,7 +35,7 @@ def test_weight_decay_only_on_weight_matrices():
 
 def test_optimizer_uses_paper_recipe_and_skips_frozen():
     model = create_model("tiny-vit")
-    model.freeze_image()
+    model.lock_image_tower()
     opt = build_optimizer(model, TrainConfig())
     assert opt.defaults["betas"] == (0.9, 0.98) and opt.defaults["eps"] == 1e-6
     trained = {id(p) for g in opt.param_groups for p in g["params"]}

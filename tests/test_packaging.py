@@ -179,10 +179,10 @@ def test_another_project_is_not_a_checkout(tmp_path: Path, monkeypatch, capsys) 
 
 def test_kuberay_validation_needs_no_dev_extra_and_core_kinds_say_what_to_install(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "kubernetes_validate", None)  # `import kubernetes_validate` fails
-    assert validate_manifest(load_documents(ROOT / "k8s" / "rayjob-train.yaml")[0]) == []
+    assert validate_manifest(load_documents(ROOT / "k8s" / "overlays" / "paper-vit-b32" / "rayjob-train.yaml")[0]) == []
     with pytest.raises(UserError, match=r"^Namespace/clipflow: .*needs kubernetes-validate: "
                                         r"pip install 'clipflow\[dev\]'$"):
-        validate_manifest(load_documents(ROOT / "k8s" / "namespace.yaml")[0])
+        validate_manifest(load_documents(ROOT / "k8s" / "base" / "namespace.yaml")[0])
 
 
 # --- a plain install, the way users and the image install it -----------------------------------------------
@@ -259,7 +259,7 @@ def test_plain_install_runs_every_command_from_a_checkout(tmp_path: Path) -> Non
         assert result.returncode == 0 and "usage: clipflow" in result.stdout, (argv, result.stderr)
     assert rendered.result().returncode == 0, rendered.result().stderr
     (job,) = yaml.safe_load_all(rendered.result().stdout)
-    (committed,) = load_documents(ROOT / "k8s" / "rayjob-train.yaml")  # rendered with --suspend
+    (committed,) = load_documents(ROOT / "k8s" / "overlays" / "paper-vit-b32" / "rayjob-train.yaml")  # rendered with --suspend
     committed["spec"].pop("suspend")
     assert job["kind"] == "RayJob" and job == committed
     # submit finds the checkout to upload, then fails only on the cluster that is not there:

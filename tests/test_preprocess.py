@@ -144,8 +144,8 @@ def test_bad_config_and_missing_inputs_fail_before_work(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_sample_data_counts_and_shards(sample, baseline) -> None:
     home, summary = sample
-    m = baseline
-    counts = m["counts"]
+    m = baseline.manifest
+    counts = m.counts
     assert counts["input"] == summary["train_samples"]  # every sample written by sample-data is counted
     assert counts["rejected"] == summary["expected_rejects"]
     assert counts["duplicates"] == summary["expected_duplicates"] == 1
@@ -153,13 +153,14 @@ def test_sample_data_counts_and_shards(sample, baseline) -> None:
     assert _identity(counts)
     out = home / "data" / "train"
     on_disk = json.loads((out / "manifest.json").read_text())
-    assert on_disk == {k: v for k, v in m.items() if k != "run"}
-    assert [s["rows"] for s in m["shards"]] == [12, 12, 12, 3]
+    assert on_disk == m.to_dict()
+    assert [s["rows"] for s in m.shards] == [12, 12, 12, 3]
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [f"shard-{i:05d}.parquet" for i in range(4)] + ["tokenizer"]
     tok = Tokenizer.load(out / "tokenizer")
-    assert tok.id == m["tokenizer"] and tok.vocab_size == 520
+    assert tok.id == m.tokenizer and tok.vocab_size == 520
+    assert counts["written"] <= m.extra["tokenizer_train_captions"] <= counts["input"]  # every clean caption
     keys = []
-    for shard in m["shards"]:
+    for shard in m.shards:
         data = (out / shard["path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == shard["sha256"] and len(data) == shard["bytes"]
         table = pq.read_table(out / shard["path"])
@@ -178,20 +179,23 @@ def test_sample_data_counts_and_shards(sample, baseline) -> None:
 @pytest.mark.integration
 def test_deterministic_and_up_to_date(sample, baseline, tmp_path: Path, capsys) -> None:
     home, _ = sample
-    again = run_preprocess(_cfg(home, f"preprocess.output={tmp_path}/other"))
-    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in baseline["shards"]]
-    assert again["content_hash"] == baseline["content_hash"] and again["tokenizer"] == baseline["tokenizer"]
+    base = baseline.manifest
+    again = run_preprocess(_cfg(home, f"preprocess.output={tmp_path}/other")).manifest
+    assert [s["sha256"] for s in again.shards] == [s["sha256"] for s in base.shards]
+    assert again.content_hash == base.content_hash and again.tokenizer == base.tokenizer
     rerun = run_preprocess(_cfg(home))
-    assert rerun["run"]["up_to_date"] and rerun["content_hash"] == baseline["content_hash"]
+    assert rerun.up_to_date and rerun.manifest.content_hash == base.content_hash
     # The command prints the one-screen summary: counts and every reject reason.
     assert cli_main(["preprocess", *(a for item in SMALL for a in ("--set", item)), "--set", f"home={home}"]) == 0
     out = capsys.readouterr().out
-    assert "already up to date" in out and f"input samples   {baseline['counts']['input']:>10,}" in out
-    assert all(reason in out for reason in baseline["counts"]["rejected"])
+    assert "already up to date" in out and f"input samples   {base.counts['input']:>10,}" in out
+    assert all(reason in out for reason in base.counts["rejected"])
 
 
 @pytest.mark.integration
 def test_resume_after_interruption(sample, baseline, tmp_path: Path) -> None:
+    """Interrupted after the first committed shard: the shards in flight are cancelled and awaited, no
+    manifest and no partial file remain, and the re-run reuses every committed shard unchanged."""
     home, _ = sample
     cfg = _cfg(home, f"preprocess.output={tmp_path}/out")
 
@@ -199,20 +203,94 @@ def test_resume_after_interruption(sample, baseline, tmp_path: Path) -> None:
         pass
 
     def stop_after_first(index: int) -> None:
-        if index == 1:
-            raise Interrupted
+        raise Interrupted
 
     with pytest.raises(Interrupted):
         run_preprocess(cfg, on_shard=stop_after_first)
     out = tmp_path / "out"
     visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("_"))
-    assert visible == ["shard-00000.parquet", "shard-00001.parquet", "tokenizer"]  # no manifest, no partial file
-    first_mtime = (out / "shard-00000.parquet").stat().st_mtime_ns
+    committed = [name for name in visible if name.startswith("shard-")]
+    assert visible == committed + ["tokenizer"] and committed  # no manifest, no partial (.tmp-) file
+    expected = {s["path"]: s["sha256"] for s in baseline.manifest.shards}
+    for name in committed:  # each committed shard is complete: the bytes of the same shard of the baseline
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == expected[name]
+    mtimes = {name: (out / name).stat().st_mtime_ns for name in committed}
     result = run_preprocess(cfg)
-    assert result["run"]["parts_reused"] == 2 and result["run"]["shards_reused"] == 2
-    assert (out / "shard-00000.parquet").stat().st_mtime_ns == first_mtime
-    assert result["content_hash"] == baseline["content_hash"]
+    assert result.parts_reused == 2 and result.shards_reused == len(committed)
+    assert {name: (out / name).stat().st_mtime_ns for name in committed} == mtimes
+    assert result.manifest.content_hash == baseline.manifest.content_hash
     assert not (out / "_work").exists()
+
+
+@pytest.mark.integration
+def test_dedup_and_shards_do_not_depend_on_task_counts(sample, baseline, tmp_path: Path) -> None:
+    """The shuffle's map and reduce task counts split the work only: byte-identical shards, same counts."""
+    home, _ = sample
+    for m, p in [(1, 1), (2, 3), (2, 7)]:
+        got = run_preprocess(_cfg(home, f"preprocess.output={tmp_path}/{m}-{p}", f"preprocess.dedup_map_tasks={m}",
+                                  f"preprocess.dedup_partitions={p}"))
+        assert got.dedup_tasks == (m, p)
+        assert got.manifest.counts == baseline.manifest.counts
+        assert [s["sha256"] for s in got.manifest.shards] == [s["sha256"] for s in baseline.manifest.shards]
+
+
+def test_shard_plan_cuts_survivors_in_canonical_order() -> None:
+    from workflows.data.shards import Piece, plan
+
+    assert plan([5, 0, 3, 9], 4) == [[Piece(0, 0, 4)], [Piece(0, 4, 5), Piece(2, 0, 3)], [Piece(3, 0, 4)],
+                                     [Piece(3, 4, 8)], [Piece(3, 8, 9)]]
+    assert plan([0, 0], 4) == [] and plan([], 4) == []
+    sizes = [7, 1, 12, 0, 30]
+    cut = plan(sizes, 5)
+    assert [sum(p.hi - p.lo for p in pieces) for pieces in cut] == [5] * 10
+    for part, n in enumerate(sizes):  # every survivor of every part lands in exactly one shard
+        covered = sorted(i for pieces in cut for p in pieces if p.part == part for i in range(p.lo, p.hi))
+        assert covered == list(range(n))
+
+
+@pytest.mark.integration
+def test_shards_read_by_plain_pyarrow_and_ray_data(sample, baseline, ray_runtime) -> None:
+    import pyarrow.dataset as pads
+    import ray.data
+
+    home, _ = sample
+    out = home / "data" / "train"
+    m = baseline.manifest
+    table = pads.dataset(out, format="parquet", exclude_invalid_files=True).to_table()
+    assert table.num_rows == m.counts["written"] and table.schema.names == ["key", "image", "caption", "tokens"]
+    assert ray.data.read_parquet(str(out)).count() == m.counts["written"]
+    meta = pq.read_schema(out / m.shards[0]["path"]).metadata
+    assert meta[b"clipflow.tokenizer"].decode() == m.tokenizer
+    assert set(json.loads(meta[b"clipflow.schema"])["columns"]) == {"key", "image", "caption", "tokens"}
+
+
+@pytest.mark.integration
+def test_tokenizer_trains_on_a_bounded_seeded_sample(sample, ray_runtime, tmp_path: Path) -> None:
+    home, _ = sample
+    runs = [run_preprocess(_cfg(home, f"preprocess.output={tmp_path}/{name}", "tokenizer.train_captions=10", *extra))
+            for name, extra in [("a", ()), ("b", ()), ("c", ("tokenizer.seed=1",))]]
+    # 2 sources: 5 captions from each, chosen by the seed
+    assert [r.manifest.extra["tokenizer_train_captions"] for r in runs] == [10, 10, 10]
+    assert runs[0].manifest.tokenizer == runs[1].manifest.tokenizer != runs[2].manifest.tokenizer
+
+
+@pytest.mark.integration
+def test_output_never_deletes_what_clipflow_did_not_write(sample, ray_runtime, tmp_path: Path) -> None:
+    home, summary = sample
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i, tar in enumerate(summary["train_shards"]):
+        (raw / f"shard-{i:05d}.tar").write_bytes(Path(tar).read_bytes())
+    with pytest.raises(UserError, match="holds 2 of the inputs"):  # output == the input folder
+        run_preprocess(_cfg(home, f"preprocess.inputs={raw}/*.tar", f"preprocess.output={raw}"))
+    assert sorted(p.name for p in raw.iterdir()) == ["shard-00000.tar", "shard-00001.tar"]
+    # A user's file that looks like a shard survives a re-run that writes fewer shards; ours do not.
+    out = tmp_path / "out"
+    run_preprocess(_cfg(home, f"preprocess.output={out}", "preprocess.rows_per_shard=5"))
+    (out / "shard-99999.parquet").write_bytes(b"the user's")
+    m = run_preprocess(_cfg(home, f"preprocess.output={out}", "preprocess.rows_per_shard=100")).manifest
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-00000.parquet", "shard-99999.parquet"]
+    assert len(m.shards) == 1
 
 
 @pytest.mark.integration
@@ -243,9 +321,9 @@ def test_parquet_csv_jsonl_inputs_and_every_reason(tmp_path: Path, ray_runtime) 
     cfg = _cfg(tmp_path, f"preprocess.inputs=[{src}/a.parquet, {src}/b.csv, {src}]", "preprocess.caption_max_chars=40",
                "preprocess.caption_min_chars=2", "preprocess.max_image_pixels=100000", "preprocess.max_aspect_ratio=3",
                "preprocess.dedup=image_caption", "tokenizer.vocab_size=515", "preprocess.rows_per_shard=100")
-    m = run_preprocess(cfg)
-    assert m["sources"] == [f"{src}/a.parquet", f"{src}/b.csv", f"{src}/c.jsonl"]
-    assert m["counts"] == {"input": 15, "written": 5, "duplicates": 0, "rejected": {
+    m = run_preprocess(cfg).manifest
+    assert m.extra["sources"] == [f"{src}/a.parquet", f"{src}/b.csv", f"{src}/c.jsonl"]
+    assert m.counts == {"input": 15, "written": 5, "duplicates": 0, "rejected": {
         "bad_aspect_ratio": 1, "bad_manifest_row": 1, "caption_too_long": 1, "caption_too_short": 1,
         "empty_caption": 1, "image_too_large": 1, "image_too_small": 1, "invalid_utf8": 1, "missing_image": 1,
         "unreadable_image": 1}}
@@ -255,11 +333,12 @@ def test_parquet_csv_jsonl_inputs_and_every_reason(tmp_path: Path, ray_runtime) 
     # Image-only dedup drops p2; the user-supplied OpenAI BPE file gives OpenAI's token ids.
     bpe = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
     m2 = run_preprocess(_cfg(tmp_path, f"preprocess.inputs={src}/a.parquet", "preprocess.dedup=image",
-                             f"preprocess.output={tmp_path}/o2", "tokenizer.source=openai_bpe", f"tokenizer.bpe_path={bpe}"))
-    assert m2["counts"]["duplicates"] == 1 and _identity(m2["counts"])
+                             f"preprocess.output={tmp_path}/o2", "tokenizer.source=openai_bpe",
+                             f"tokenizer.bpe_path={bpe}")).manifest
+    assert m2.counts["duplicates"] == 1 and _identity(m2.counts)
     m3 = run_preprocess(_cfg(tmp_path, f"preprocess.inputs={src}/a.parquet", "preprocess.dedup=none",
-                             f"preprocess.output={tmp_path}/o3", "tokenizer.vocab_size=515"))
-    assert m3["counts"]["duplicates"] == 0 and m3["counts"]["written"] == m2["counts"]["written"] + 1
+                             f"preprocess.output={tmp_path}/o3", "tokenizer.vocab_size=515")).manifest
+    assert m3.counts["duplicates"] == 0 and m3.counts["written"] == m2.counts["written"] + 1
     first = pq.read_table(tmp_path / "o2" / "shard-00000.parquet").to_pylist()[0]
     assert first["tokens"][:4] == [49406, 736, 2063, 49407]  # "red box" in OpenAI's vocabulary
 
@@ -276,13 +355,55 @@ def test_s3_inputs_and_output(s3_server, sample, ray_runtime, tmp_path: Path) ->
                         b"image,caption\nimages/img.jpg,a red square\ns3://" + bucket.encode() + b"/raw/gone.jpg,lost\n", endpoint)
     cfg = _cfg(home, f"preprocess.inputs=s3://{bucket}/raw/*",  # the tar and the CSV, not images/
                f"preprocess.output=s3://{bucket}/train", f"storage.s3_endpoint={endpoint}")
-    m = run_preprocess(cfg)
-    assert m["counts"]["input"] == 20 + 8 + 2 and _identity(m["counts"])
-    assert m["counts"]["rejected"]["unreadable_image"] == 1  # the CSV's missing S3 object
+    m = run_preprocess(cfg).manifest
+    assert m.counts["input"] == 20 + 8 + 2 and _identity(m.counts)
+    assert m.counts["rejected"]["unreadable_image"] == 1  # the CSV's missing S3 object
     manifest = json.loads(storage.read_bytes(f"s3://{bucket}/train/manifest.json", endpoint))
-    assert manifest["content_hash"] == m["content_hash"]
+    assert manifest["content_hash"] == m.content_hash
     names = [storage.basename(u) for u in storage.list_files(f"s3://{bucket}/train", endpoint)]
-    assert names == ["manifest.json"] + [s["path"] for s in m["shards"]]
-    table = pq.read_table(io.BytesIO(storage.read_bytes(f"s3://{bucket}/train/{m['shards'][0]['path']}", endpoint)))
+    assert names == ["manifest.json"] + [s["path"] for s in m.shards]
+    table = pq.read_table(io.BytesIO(storage.read_bytes(f"s3://{bucket}/train/{m.shards[0]['path']}", endpoint)))
     assert table.num_rows == 12
     assert os.environ.get("AWS_ENDPOINT_URL") is None  # the endpoint came from the config
+
+
+@pytest.mark.integration
+def test_the_dedup_shuffle_keeps_the_first_copy_in_canonical_order(tmp_path: Path, ray_runtime) -> None:
+    """Copies across and within parts, several task counts: the drops are exactly "every copy after the
+    first, in (part, row) order", and each part's outcome counts add up."""
+    import numpy as np
+
+    from workflows.data.dedup import drops_uri, find_duplicates, part_drops, read_drops
+    from workflows.data.preprocess import PART_SCHEMA
+    from workflows.data.shards import parquet_bytes
+
+    rng = np.random.default_rng(7)
+    digests = [bytes([d]) * 16 for d in range(12)]
+    parts, expected, seen = [], [], set()
+    for index, rows in enumerate([9, 0, 14, 5]):
+        status = ["" if rng.random() > 0.2 else "image_corrupt" for _ in range(rows)]
+        hashes = [digests[rng.integers(len(digests))] if not s else b"" for s in status]
+        drops = []
+        for row, (s, h) in enumerate(zip(status, hashes)):
+            if not s:
+                if h in seen:
+                    drops.append(row)
+                seen.add(h)
+        expected.append(drops)
+        uri = str(tmp_path / f"part-{index}.parquet")
+        Path(uri).write_bytes(parquet_bytes(pa.table({
+            "key": [str(r) for r in range(rows)], "status": status, "image": [b""] * rows, "caption": [""] * rows,
+            "tokens": [[0]] * rows, "hash": hashes}, schema=PART_SCHEMA)))
+        parts.append((uri, status))
+    for m, p in [(1, 1), (2, 2), (3, 5), (4, 16)]:
+        work = str(tmp_path / f"work-{m}-{p}")
+        outcomes, groups = find_duplicates([u for u, _ in parts], work, "", dedup=True, samples=28,
+                                           map_tasks=m, partitions=p)
+        assert len(groups) == min(m, 4)
+        for index, ((_, status), want) in enumerate(zip(parts, expected)):
+            owner = next(g for g, r in enumerate(groups) if index in r)
+            assert part_drops(read_drops(drops_uri(work, owner), ""), index).tolist() == want, (m, p, index)
+            o = outcomes[index]
+            assert (o.rows, o.duplicates) == (len(status), len(want))
+            assert sum(o.rejected.values()) == status.count("image_corrupt")
+            assert o.kept == status.count("") - len(want)

@@ -8,7 +8,6 @@ import collections
 import importlib.util
 import io
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -26,17 +25,12 @@ from workflows.common.errors import UserError
 from workflows.tracking.client import TrainingTracking, tracking_uri
 from workflows.train import loop as train_loop
 from workflows.train.driver import prepare_run, run_training
-from workflows.train.feed import BLOCK_ORDER, ROW_ORDER, DataOrder, Shard, _padded, load_units, seeded
+from workflows.train.feed import (ROW_ORDER, SOURCE_BLOCKS, STREAM_ORDER, DataOrder, Permutation, Shard, _padded,
+                                  load_units, seeded)
 from workflows.train.loop import TrainDebug, build_model, to_device
 
 from tiny_data import COLORS, CONTEXT, ROWS, SHARDS, SIZE, shape_jpeg
 
-# Ray workers (and the Ray Data tasks they start) inherit the environment of the process that starts
-# Ray, so the S3 server's throwaway credentials (the s3_server fixture sets the same values later)
-# must be in place before the session's ray.init: test modules are imported before any fixture runs.
-for _key, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
-    os.environ.setdefault(_key, _value)
 
 def _cfg(data: Path | str, home: Path, *extra: str):
     return load_config(None, [
@@ -120,8 +114,10 @@ def test_step_samples_do_not_depend_on_world_size(train_data, tmp_path):
         assert len({int(r) // 256 for r in order.unit_rows(unit)}) == 1
     # Independent streams per purpose and key, even where a key ends in 0 (NumPy seeds [3, 1, 0] == [3, 1]).
     state = lambda *args: seeded(*args).bit_generator.state["state"]  # noqa: E731
-    assert state(ROW_ORDER, 3, 1, 0, 0) != state(ROW_ORDER, 3, 1, 0) != state(BLOCK_ORDER, 3, 1, 0)
-    assert not np.array_equal(order.shard_order(1), order.block_order(1, 0))  # were equal before the tags
+    assert state(ROW_ORDER, 3, 1, 0, 0) != state(ROW_ORDER, 3, 1, 0) != state(SOURCE_BLOCKS, 3, 1, 0)
+    # the epoch's stream and data set 0's block order (copy 0): equal keys without the tags
+    assert not np.array_equal(Permutation.seeded(10, STREAM_ORDER, 3, 1).keys,
+                              Permutation.seeded(10, SOURCE_BLOCKS, 3, 1, 0, 0).keys)
 
 
 def test_summary_throughput_leaves_out_the_warm_up_window(monkeypatch):

@@ -149,3 +149,25 @@ def test_unknown_model_version_or_alias_is_a_clear_error(env):
         registry.resolve_version(client, env["name"], alias="nope")
     with pytest.raises(UserError, match="has no version 999"):
         registry.resolve_version(client, env["name"], version=999)
+
+
+def test_a_lease_is_kept_alive_through_a_long_pass_and_never_revived(env):
+    """A pass longer than the lease keeps its claim (renewed on a timer); a lease that ran out is not
+    renewed back to life, so the job that claimed the version since keeps it and the first one records nothing."""
+    import time
+
+    client, name = env["client"], env["name"]
+    version = publish(client, name, env["run_id"], env["checkpoint"], step=70)
+    claim = registry.claim_version(client, name, version, "slow-job", lease_seconds=6)
+    with claims.kept_alive(lambda: registry.renew_version(claim), every=1) as lost:
+        time.sleep(8)  # longer than the lease
+        assert registry.claim_version(client, name, version, "eager-job", 6) is None
+    assert not lost.is_set() and claim.held()
+    time.sleep(7)  # no renewals now: the lease runs out
+    other = registry.claim_version(client, name, version, "next-job", 60)
+    assert other is not None and not claim.held()
+    with pytest.raises(claims.LeaseLost):
+        registry.renew_version(claim)
+    assert other.held() and client.get_model_version(name, version).tags["eval_claimant"] == "next-job"
+    with claims.kept_alive(lambda: registry.renew_version(claim), every=0.2) as lost:
+        assert lost.wait(30)  # the timer stops at the first refusal

@@ -59,6 +59,30 @@ def test_bad_requests_are_user_errors(argv: list[str], message: str) -> None:
         build_request(load_config(None), args)
 
 
+@pytest.mark.parametrize("item", [
+    "AWS_SECRET_ACCESS_KEY=abc", "AWS_ACCESS_KEY_ID=AKIA123", "AWS_SESSION_TOKEN=x", "MLFLOW_TRACKING_PASSWORD=pw",
+    "RAY_AUTH_TOKEN=t", "HF_TOKEN=hf_x", "my_api_key=k", "GOOGLE_APPLICATION_CREDENTIALS=/k.json",
+    "MLFLOW_TRACKING_URI=http://alice:s3cret@mlflow:5000",
+])
+def test_credentials_are_refused_in_the_jobs_environment(item: str) -> None:
+    """A job's env_vars are visible in the dashboard and the state API: a credential there is one clear error."""
+    args = parse("--address", "http://h:8265", "--env", "MLFLOW_EXPERIMENT_NAME=x", "--env", item)
+    with pytest.raises(UserError, match=rf"^--env {item.split('=')[0]}: looks like a credential.*Kubernetes Secret"):
+        build_request(load_config(None), args)
+
+
+def test_the_local_credentials_never_reach_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing of this machine's environment is copied into the job: the pods have their own credentials."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "local-secret")
+    args = parse("--address", "http://h:8265", "--env", "AWS_DEFAULT_REGION=eu-west-1", "--env",
+                 "MLFLOW_TRACKING_URI=http://mlflow:5000")
+    env_vars = build_request(load_config(None), args).runtime_env["env_vars"]
+    assert env_vars == {"PYTHONUNBUFFERED": "1", "AWS_DEFAULT_REGION": "eu-west-1",
+                        "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    assert "local-secret" not in repr(build_request(load_config(None), args))
+
+
 def test_config_outside_the_project_is_refused(tmp_path: Path, capsys) -> None:
     outside = tmp_path / "c.yaml"
     outside.write_text("name: c\n")
@@ -145,3 +169,14 @@ def test_wrong_token_is_one_line_error(ray_head: RayHead, capsys, monkeypatch) -
     assert main(["submit", "--address", ray_head.dashboard, "--stage", "sample-data"]) == 2
     err = capsys.readouterr().err.strip()
     assert "needs the cluster's auth token" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.integration
+def test_the_head_refuses_a_job_without_the_token(ray_head: RayHead) -> None:
+    """What anyone else on the network would try: the Job Submission API without the token runs nothing."""
+    import requests
+
+    reply = requests.post(f"{ray_head.dashboard}/api/jobs/", json={"entrypoint": "id"}, timeout=60)
+    assert reply.status_code in (401, 403), reply.text
+    listed = requests.get(f"{ray_head.dashboard}/api/jobs/", timeout=60)
+    assert listed.status_code in (401, 403)

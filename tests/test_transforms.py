@@ -95,6 +95,43 @@ def test_draft_size_ignored_for_non_jpeg():
     assert decode_image(_encode(_smooth_image(800, 600), "PNG"), draft_size=64).size == (800, 600)
 
 
+def test_sixteen_bit_greyscale_is_scaled_not_clipped():
+    """PIL's own I;16 -> RGB conversion clips at 255: this ramp would come out nearly all white."""
+    ramp = (np.arange(256, dtype=np.uint32) * 257).astype(np.uint16).reshape(16, 16)  # 0, 257, ..., 65535
+    grey = Image.fromarray(ramp)
+    assert grey.mode == "I;16"
+    decoded = np.asarray(decode_image(_encode(grey, "PNG")))
+    assert decoded.shape == (16, 16, 3) and (decoded == np.arange(256).reshape(16, 16, 1)).all()
+
+
+def test_exif_orientation_is_applied():
+    """Orientation 6 (the camera turned 90 degrees clockwise): decoded upright, drafted or not."""
+    img = Image.new("RGB", (80, 40), (250, 0, 0))
+    img.paste((0, 0, 250), (0, 0, 20, 40))  # blue on the stored image's left = the upright image's top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    for draft, size in ((None, (40, 80)), (16, (20, 40))):
+        upright = decode_image(buf.getvalue(), draft_size=draft)
+        assert upright.size == size
+        top, bottom = upright.getpixel((size[0] // 2, 1)), upright.getpixel((size[0] // 2, size[1] - 2))
+        assert top[2] > 200 > top[0] and bottom[0] > 200 > bottom[2]
+
+
+def test_formats_limit_which_parsers_run():
+    bmp, tiff, png = (_encode(_smooth_image(40, 30), fmt) for fmt in ("BMP", "TIFF", "PNG"))
+    assert decode_image(bmp).size == (40, 30)  # formats=None: whatever PIL knows, as before
+    for data, fmt in ((bmp, "BMP"), (tiff, "TIFF")):
+        with pytest.raises(ImageDecodeError, match=f"format_not_allowed: {fmt} is not one of JPEG, PNG") as info:
+            decode_image(data, formats=("JPEG", "PNG"))
+        assert info.value.reason == "format_not_allowed"
+    assert decode_image(png, formats=("PNG",)).size == (40, 30)
+    with pytest.raises(ImageDecodeError) as info:  # bytes no format claims stay "corrupt"
+        decode_image(b"this is not an image at all" * 10, formats=("PNG",))
+    assert info.value.reason == "corrupt"
+
+
 def test_resize_center_crop_equals_hand_computed_crop():
     # short side already == size: no resize, crop rows round((50 - 30) / 2) = 10 .. 40
     img = _smooth_image(30, 50)

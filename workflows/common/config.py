@@ -34,10 +34,16 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"
 
 
 PATH = {"path": True}  # field metadata: a local path or URI, made absolute on load (see the module docstring)
+REGISTERED_MODEL_URI = "models:/"  # a registered model version (model.pretrained), not a path
 # What `clipflow eval` logs per data set (clip_core.zero_shot's names; a test keeps them equal), so a
 # config naming a metric eval cannot produce is refused on load instead of never crowning a champion.
 ZEROSHOT_METRICS = ("acc1", "acc5", "mean_per_class_recall")
 RETRIEVAL_METRICS = tuple(f"{side}_retrieval_recall@{k}" for side in ("image", "text") for k in (1, 5, 10))
+LINEAR_PROBE_METRICS = ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall")  # CLIP_benchmark's linear_probe names
+# Built-in prompt sets and class name lists (clip_core.zero_shot's BUILTIN_TEMPLATES / BUILTIN_CLASSNAMES; a
+# test keeps them equal), named here without importing torch: such a value is a name, not a path to resolve.
+TEMPLATE_SETS = ("openai_imagenet", "openai_imagenet_simple")
+CLASSNAME_SETS = ("openai_imagenet",)
 
 
 class ConfigError(UserError, ValueError):
@@ -89,6 +95,16 @@ class PreprocessConfig:
     caption_max_chars: int = 1000
     dedup: Literal["none", "image", "image_caption"] = "image"
     rows_per_shard: int = 1000
+    # Task counts of the dedup shuffle (workflows/data/dedup.py), 0 = sized from the data; they never change
+    # the output, only how the work is split.
+    dedup_map_tasks: int = 0
+    dedup_partitions: int = 0
+    # Hostile-input bounds (workflows/data/readers.py): the largest tar member, Parquet cell or manifest-listed
+    # file read (larger ones are rejected unread); where CSV/JSONL rows may point ([] = the manifest's own
+    # directory tree, or its bucket for an s3:// manifest); the image formats PIL may decode (its format ids).
+    max_member_bytes: int = 64 << 20
+    allowed_roots: list[str] = field(default_factory=list, metadata=PATH)
+    image_formats: list[str] = field(default_factory=lambda: ["JPEG", "PNG", "WEBP"])
 
     def validate(self) -> None:
         """Values no run can use, all of them in one error."""
@@ -108,8 +124,30 @@ class PreprocessConfig:
                             f"{self.caption_max_chars} must satisfy 0 <= min <= max")
         if self.rows_per_shard < 1:
             problems.append(f"preprocess.rows_per_shard={self.rows_per_shard} must be >= 1")
+        if self.dedup_map_tasks < 0 or self.dedup_partitions < 0:
+            problems.append(f"preprocess.dedup_map_tasks={self.dedup_map_tasks} and dedup_partitions="
+                            f"{self.dedup_partitions} must be >= 0 (0 = sized from the data)")
+        if self.max_member_bytes < 1:
+            problems.append(f"preprocess.max_member_bytes={self.max_member_bytes} must be >= 1")
+        if any(not root for root in self.allowed_roots):
+            problems.append("preprocess.allowed_roots has an empty entry; list directories or s3:// prefixes")
+        problems.extend(_image_format_problems(self.image_formats))
         if problems:
             raise ConfigError("; ".join(problems))
+
+
+def _image_format_problems(formats: list[str]) -> list[str]:
+    """preprocess.image_formats must name formats this PIL can open (PIL is imported only here, when checked)."""
+    from PIL import Image
+
+    if not formats:
+        return ["preprocess.image_formats is empty; list at least one format, e.g. [JPEG, PNG, WEBP]"]
+    Image.init()
+    unknown = [f for f in formats if f not in Image.OPEN]
+    if unknown:
+        return [f"preprocess.image_formats: {', '.join(unknown)} not formats PIL opens (PIL's names, upper case: "
+                f"{', '.join(sorted(Image.OPEN))})"]
+    return []
 
 
 @dataclass
@@ -121,10 +159,15 @@ class TokenizerConfig:
     bpe_path: str = field(default="", metadata=PATH)  # source=openai_bpe: path to bpe_simple_vocab_16e6.txt.gz
     path: str = field(default="", metadata=PATH)  # source=path: a directory written by Tokenizer.save
     context_length: int = 32  # the demo's captions are short; the paper's models use 77
+    # source=train: the BPE learns from a seeded sample of at most this many captions (recorded in the manifest)
+    train_captions: int = 2_000_000
+    seed: int = 0
 
     def validate(self) -> None:
         if self.context_length < 2:
             raise ConfigError(f"tokenizer.context_length={self.context_length} must be >= 2")
+        if self.train_captions < 1:
+            raise ConfigError(f"tokenizer.train_captions={self.train_captions} must be >= 1")
 
 
 @dataclass
@@ -132,22 +175,55 @@ class ModelConfig:
     """Which clip_core architecture, and its training-time options."""
 
     name: str = "demo-vit"
+    # Fine-tuning: start from these weights instead of random ones (strict: they must be a model.name for this
+    # data): a clipflow checkpoint directory, an OpenAI .pt / OpenCLIP .bin|.pt|.safetensors file (local or
+    # s3://), or a registered version, models:/<name>@<alias> or models:/<name>/<version>; "" = random init
+    pretrained: str = field(default="", metadata=PATH)
     grad_checkpointing: bool = False
     patch_dropout: float = 0.0
-    freeze_image: bool = False
-    freeze_text: bool = False
+    # LiT (OpenCLIP's --lock-image/--lock-text): no gradients to a tower but its last N layer groups
+    # (clip_core.lock); a locked ResNet tower's BatchNorm statistics stay fixed unless freeze_bn_stats is false
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_image_freeze_bn_stats: bool = True
+    lock_text: bool = False
+    lock_text_unlocked_groups: int = 0
     # Speed levers (workflows/acceleration.py): torch.compile each block ("regional"), the whole model
     # and loss ("full"), or nothing; the mode's CUDA graphs suit small models; NHWC ResNet towers.
     compile: CompileScope = "none"
     compile_mode: CompileMode = "default"
     channels_last: bool = True
 
+    def validate(self) -> None:
+        problems = []
+        for tower in ("image", "text"):
+            groups = getattr(self, f"lock_{tower}_unlocked_groups")
+            if groups < 0:
+                problems.append(f"model.lock_{tower}_unlocked_groups={groups} must be >= 0 (the last N layer "
+                                f"groups stay trainable)")
+            elif groups and not getattr(self, f"lock_{tower}"):
+                problems.append(f"model.lock_{tower}_unlocked_groups={groups} needs model.lock_{tower}=true "
+                                f"(without it the whole tower trains)")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+
+@dataclass
+class DataSource:
+    """One preprocessed data set of a weighted mix (``train.data`` as a list). ``weight`` is its sampling
+    rate per epoch: its ``round(weight x blocks)`` row groups, whole copies and then a seeded subset, a new
+    one each epoch (workflows/train/feed.py), so its share is about weight x rows / sum of weight x rows."""
+
+    path: str = field(default="", metadata=PATH)  # the training shards and manifest.json
+    weight: float = 1.0
+
 
 @dataclass
 class TrainConfig:
     """The paper's optimisation recipe by default (AdamW 0.9/0.98/1e-6, wd 0.2, warmup + cosine)."""
 
-    data: str = field(default="{home}/data/train", metadata=PATH)  # the training shards and manifest.json
+    # the training shards and manifest.json, or a weighted mix of several: [{path: ..., weight: 2.0}, ...]
+    data: str | list[DataSource] = field(default="{home}/data/train", metadata=PATH)
     global_batch_size: int = 128
     micro_batch_size: int = 0  # per-worker forward batch cap; 0 = no cap (no accumulation)
     epochs: int = 6
@@ -155,6 +231,7 @@ class TrainConfig:
     lr: float = 1e-3
     warmup_steps: int = 20
     weight_decay: float = 0.2
+    layer_decay: float = 1.0  # layer-wise lr decay (workflows/train/optim.py): in (0, 1], 1 = off
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
@@ -181,6 +258,25 @@ class TrainConfig:
         for name in ("log_every", "checkpoint_every", "keep_checkpoints", "global_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        sources = self.sources()
+        where = ["train.data" if isinstance(self.data, str) else f"train.data[{i}]" for i in range(len(sources))]
+        problems = [f"{w}: no path given; name a preprocessed data set" for w, s in zip(where, sources) if not s.path]
+        problems += [f"{w}.weight={s.weight} must be a number > 0" for w, s in zip(where, sources)
+                     if not 0 < s.weight < float("inf")]
+        paths = [s.path for s in sources]
+        problems += [f"train.data lists {p} twice; give it one entry with the weights added up"
+                     for p in sorted({p for p in paths if paths.count(p) > 1})]
+        if not sources:
+            problems.append("train.data is an empty list; name at least one preprocessed data set")
+        if not 0 < self.layer_decay <= 1:
+            problems.append(f"train.layer_decay={self.layer_decay} must be in (0, 1] (1 = off; fine-tuning uses "
+                            f"e.g. 0.65-0.9)")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def sources(self) -> list[DataSource]:
+        """The data set(s) to train on: one path is one data set of weight 1."""
+        return [DataSource(self.data)] if isinstance(self.data, str) else list(self.data)
 
 
 @dataclass
@@ -215,23 +311,63 @@ class MlflowConfig:
     publish_every: int = 1  # register every N-th checkpoint (the final one always)
     system_metrics: bool = True
     buffer_size: int = 10_000  # metrics kept while the server is unreachable
+    # How long ending a run keeps trying to deliver (the final checkpoint's registration included); then
+    # what is left stays in the run's spool for `clipflow sync`
+    close_timeout_seconds: float = 300.0
 
     def validate(self) -> None:
         if self.publish_every < 1:
             raise ConfigError(f"mlflow.publish_every must be >= 1, got {self.publish_every}")
+        if not 0 < self.close_timeout_seconds < float("inf"):
+            raise ConfigError(f"mlflow.close_timeout_seconds must be a number of seconds > 0, got "
+                              f"{self.close_timeout_seconds}")
 
 
 @dataclass
 class EvalConfig:
+    """`clipflow eval`: eval sets (ImageFolder or CLIP_benchmark webdataset dirs), prompts, linear probe, actors."""
+
     zeroshot: list[str] = field(default_factory=lambda: ["{home}/data/eval/zeroshot"], metadata=PATH)
     retrieval: list[str] = field(default_factory=lambda: ["{home}/data/eval/retrieval"], metadata=PATH)
-    templates: str = field(default="", metadata=PATH)  # YAML list of prompt templates; "" = clip_core's set
+    # Dirs with train/ and test/ splits: CLIP_benchmark's linear probe on the frozen image tower's features
+    linear_probe: list[str] = field(default_factory=list, metadata=PATH)
+    # Prompts for sets without their own zeroshot_classification_templates.txt: "" = clip_core's default set,
+    # a built-in set (TEMPLATE_SETS: openai_imagenet = the paper's 80), or a YAML list / .txt file
+    templates: str = field(default="", metadata={**PATH, "names": TEMPLATE_SETS})
+    # Class names for sets without their own classnames.txt: "" = the folder names, a built-in list
+    # (CLASSNAME_SETS: openai_imagenet = OpenAI's 1000 ImageNet names) or a .txt file with one name a line
+    classnames: str = field(default="", metadata={**PATH, "names": CLASSNAME_SETS})
     batch_size: int = 128
     # "<eval set>/<metric>" that decides `champion`; "" = the first zero-shot set's acc1 (without zero-shot
-    # sets: the first retrieval set's image_retrieval_recall@1). An eval set is named by its last path part.
+    # sets: the first retrieval set's image_retrieval_recall@1, else the first linear-probe set's lp_acc1).
+    # An eval set is named by its last path part.
     primary_metric: str = ""
     lease_seconds: int = 900
     num_actors: int = 1
+    # Embedding actors: "gpu" asks for a GPU each (so an autoscaled-to-zero GPU group starts), "cpu" never,
+    # "auto" only when the cluster has GPUs now; a GPU that does not appear in gpu_wait_seconds is an error
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    gpu_wait_seconds: int = 900
+    # The linear probe's training (CLIP_benchmark's defaults); val_proportion > 0 holds out that share of the
+    # train split to search the weight decay, 0 trains with weight decay 0
+    linear_probe_epochs: int = 10
+    linear_probe_lr: float = 0.1
+    linear_probe_batch_size: int = 64
+    linear_probe_val_proportion: float = 0.0
+    linear_probe_seed: int = 0
+
+    def validate(self) -> None:
+        """Values no eval can run with, all of them in one error."""
+        problems = [f"eval.{name} must be >= 1, got {getattr(self, name)}"
+                    for name in ("batch_size", "lease_seconds", "num_actors", "gpu_wait_seconds",
+                                 "linear_probe_epochs", "linear_probe_batch_size") if getattr(self, name) < 1]
+        if self.linear_probe_lr <= 0:
+            problems.append(f"eval.linear_probe_lr must be > 0, got {self.linear_probe_lr}")
+        if not 0 <= self.linear_probe_val_proportion < 1:
+            problems.append(f"eval.linear_probe_val_proportion must be in [0, 1), got "
+                            f"{self.linear_probe_val_proportion}")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
 
 @dataclass
@@ -290,8 +426,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def absolute_path(value: str) -> str:
-    """A local path made absolute against the current directory; URIs (``s3://...``) and "" unchanged."""
-    if not value or "://" in value:
+    """A local path made absolute against the current directory; URIs (``s3://...``, ``models:/...``) and ""
+    unchanged."""
+    if not value or "://" in value or value.startswith(REGISTERED_MODEL_URI):
         return value
     return os.path.abspath(os.path.expanduser(value))
 
@@ -299,9 +436,11 @@ def absolute_path(value: str) -> str:
 def _absolute_paths(node: Any) -> None:
     for f in dataclasses.fields(node):
         value = getattr(node, f.name)
-        if dataclasses.is_dataclass(value):
-            _absolute_paths(value)
-        elif f.metadata.get("path"):
+        items = value if isinstance(value, list) else [value]
+        if any(dataclasses.is_dataclass(item) for item in items):  # a section, or entries (train.data's list)
+            for item in items:
+                _absolute_paths(item)
+        elif f.metadata.get("path") and value not in f.metadata.get("names", ()):
             setattr(node, f.name, [absolute_path(v) for v in value] if isinstance(value, list)
                     else absolute_path(value))
 
@@ -321,14 +460,15 @@ def eval_metric_names(section: EvalConfig) -> list[str]:
         return posixpath.basename(uri.rstrip("/"))
 
     return ([f"{name(u)}/{m}" for u in section.zeroshot for m in ZEROSHOT_METRICS]
-            + [f"{name(u)}/{m}" for u in section.retrieval for m in RETRIEVAL_METRICS])
+            + [f"{name(u)}/{m}" for u in section.retrieval for m in RETRIEVAL_METRICS]
+            + [f"{name(u)}/{m}" for u in section.linear_probe for m in LINEAR_PROBE_METRICS])
 
 
 def _primary_metric(section: EvalConfig) -> str:
     """The configured primary metric, else the default; refused if eval would never log it."""
     produced = eval_metric_names(section)
     if not section.primary_metric:
-        defaults = [m for m in produced if m.endswith(("/acc1", "/image_retrieval_recall@1"))]
+        defaults = [m for m in produced if m.endswith(("/acc1", "/image_retrieval_recall@1", "/lp_acc1"))]
         return defaults[0] if defaults else ""
     if section.primary_metric not in produced:
         close = difflib.get_close_matches(section.primary_metric, produced, n=1)
@@ -444,8 +584,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 def _expand_home(node: Any, home: str) -> None:
     for f in dataclasses.fields(node):
         value = getattr(node, f.name)
-        if dataclasses.is_dataclass(value):
-            _expand_home(value, home)
+        items = value if isinstance(value, list) else [value]
+        if any(dataclasses.is_dataclass(item) for item in items):  # a section, or entries (train.data's list)
+            for item in items:
+                _expand_home(item, home)
         elif isinstance(value, str) and f.name != "home":
             setattr(node, f.name, value.replace("{home}", home))
         elif isinstance(value, list):

@@ -1,6 +1,7 @@
 """The Ray runtime every stage runs on: attach to a running cluster or start a local one.
 
-Also the process-wide Ray Data settings clipflow's datasets are created with (``ray_data_context``).
+Also the process-wide Ray Data settings clipflow's datasets are created with (``ray_data_context``), and
+the one table of environment defaults clipflow sets for the libraries it drives (``set_env_defaults``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,43 @@ from workflows.common.errors import UserError
 from workflows.common.log import get_logger
 
 log = get_logger("ray")
+
+# Environment defaults per role, each with why; ``set_env_defaults(role)`` applies them with setdefault, so a
+# value the user set always wins. Roles: "train" (the training driver, before Ray starts the workers: Ray Train
+# copies the driver's variables to them), "tracking" (a process that reports a training run to MLflow:
+# rank 0, the driver ending a run, `clipflow sync`), "eval" (`clipflow eval`).
+ENV_DEFAULTS: dict[str, dict[str, str]] = {
+    "train": {
+        # Ray 2.60's Train workers show every print() twice: its print patch logs the line AND tees it to
+        # stdout, which Ray's workers always wrap. Unpatched, a print reaches the driver once.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    },
+    "tracking": {
+        # Fail fast on an outage: what the server does not take stays in the buffer and the spool, so a
+        # retry inside one request (MLflow's default: 7, with backoff, minutes) only delays the warning.
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+        # MLflow prints the run's URL, tracking URI included, each time a run ends: credentials in the URI
+        # would land in the job log. clipflow's summaries name the run instead.
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    },
+    "eval": {
+        # A down server fails the eval job in seconds, not minutes (it has nothing to buffer).
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    },
+}
+
+
+_OWN_DEFAULTS: dict[str, str] = {}  # what set_env_defaults put in this process's environment
+
+
+def set_env_defaults(role: str) -> None:
+    """Apply ``ENV_DEFAULTS[role]`` to this process's environment. A value the user set is kept; one that an
+    earlier role set here is replaced (the demo trains, then evaluates, in one process)."""
+    for name, value in ENV_DEFAULTS[role].items():
+        if name not in os.environ or _OWN_DEFAULTS.get(name) == os.environ[name]:
+            os.environ[name] = _OWN_DEFAULTS[name] = value
 
 
 def free_port() -> int:

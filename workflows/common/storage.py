@@ -6,14 +6,23 @@ comes from the caller (``cfg.storage.s3_endpoint``) or ``$AWS_ENDPOINT_URL``; cr
 come from the standard AWS environment / config chain.
 
 Writes are atomic: a reader never sees half a file. Locally the bytes go to a temp name in the same
-directory and are renamed; on S3 a single PUT only becomes visible once complete.
+directory and are renamed; on S3 a single PUT only becomes visible once complete. A killed writer can
+leave its temp file behind: the first write into a directory in a process removes those older than
+``STALE_TEMP_S`` (a writer holds its temp file for one buffered write, seconds at most).
+
+Storage errors that no retry can fix (a full, read-only or forbidden store, a missing bucket) become a
+``StorageError``, one line naming the path and what to do: ``check_writable`` before work starts,
+``storage_error`` for an error that surfaced elsewhere (a Ray Train worker's checkpoint upload).
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import posixpath
+import re
+import time
 import uuid
 from functools import lru_cache
 from pathlib import Path
@@ -21,9 +30,24 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from workflows.common.errors import UserError
+
 S3 = "s3://"
 _WILDCARDS = "*?["
 TEMP_PREFIX = ".tmp-"
+STALE_TEMP_S = 30 * 60  # margin for clocks that differ between hosts sharing a file system
+_swept: set[str] = set()  # directories whose stale temp files this process removed
+
+# errno -> what to do; pyarrow's OSErrors carry the errno too
+NON_TRANSIENT_ERRNOS = {
+    errno.ENOSPC: "free space there or set storage.path to a store with room",
+    errno.EDQUOT: "raise the quota or set storage.path to a store with room",
+    errno.EROFS: "set storage.path to a writable location",
+    errno.EACCES: "give this user write access there or set storage.path to a writable location",
+    errno.EPERM: "give this user write access there or set storage.path to a writable location",
+}
+# pyarrow's S3 errors carry no errno: these are the answers that another try gets again
+_S3_NON_TRANSIENT = re.compile(r"AWS Error (ACCESS_DENIED|NO_SUCH_BUCKET)|Bucket '[^']*' not found")
 
 
 def is_s3(uri: str) -> bool:
@@ -157,8 +181,12 @@ def write_bytes(uri: str, data: bytes, endpoint: str | None = None) -> None:
         with fs.open_output_stream(path) as f:
             f.write(data)
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f"{TEMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    if directory not in _swept:
+        remove_stale_temps(directory)
+        _swept.add(directory)
+    tmp = os.path.join(directory, f"{TEMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -166,6 +194,7 @@ def write_bytes(uri: str, data: bytes, endpoint: str | None = None) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
 
 def delete(uri: str, endpoint: str | None = None) -> None:
     """Remove a file or a directory tree; nothing to do when absent."""
@@ -176,3 +205,53 @@ def delete(uri: str, endpoint: str | None = None) -> None:
     elif kind == pafs.FileType.File:
         fs.delete_file(path)
 
+
+class StorageError(UserError):
+    """A store that refuses writes for a reason no retry fixes; the message names the path and what to do."""
+
+
+def storage_error(exc: BaseException, uri: str) -> StorageError | None:
+    """``exc`` (or an error in its cause chain) as a StorageError when no retry can fix it, else None.
+    ``uri`` is named when the error itself names no file (pyarrow's write errors do not)."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, StorageError):
+            return error
+        if isinstance(error, OSError) and error.errno in NON_TRANSIENT_ERRNOS:
+            code = error.errno
+            return StorageError(f"cannot write {error.filename or uri}: {os.strerror(code)} "
+                                f"({errno.errorcode[code]}); {NON_TRANSIENT_ERRNOS[code]}")
+        found = _S3_NON_TRANSIENT.search(str(error)) if isinstance(error, OSError) else None
+        if found:
+            return StorageError(f"cannot write {uri}: {found.group(0)}; check the bucket in storage.path and "
+                                f"that these credentials may write and delete objects there")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def check_writable(uri: str, endpoint: str | None = None) -> None:
+    """Write and delete a small probe file in directory ``uri``: a StorageError now, not after startup."""
+    probe = join(uri, f"{TEMP_PREFIX}probe-{uuid.uuid4().hex}")
+    try:
+        write_bytes(probe, b"clipflow storage probe\n", endpoint)
+        delete(probe, endpoint)
+    except OSError as exc:
+        raise storage_error(exc, uri) or StorageError(
+            f"cannot write {uri} ({exc}); check storage.path (and storage.s3_endpoint, credentials)") from exc
+
+
+def remove_stale_temps(directory: str, older_than_s: float = STALE_TEMP_S) -> int:
+    """Delete the temp files that killed writers left in a local ``directory``; returns how many."""
+    removed, cutoff = 0, time.time() - older_than_s
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith(TEMP_PREFIX) and entry.is_file(follow_symlinks=False):
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.remove(entry.path)
+                        removed += 1
+                except OSError:  # removed by another process first, or not ours to remove: the write goes on
+                    continue
+    return removed

@@ -5,7 +5,8 @@ the pipeline can count every sample. Captions are checked first (cheap), then th
 failing several checks counts once, under the first.
 
 Image reasons: ``image_empty``, ``image_corrupt``, ``image_truncated``, ``image_too_large``
-(decompression-bomb guard, checked on the header before decoding), ``image_too_small``
+(decompression-bomb guard, checked on the header before decoding), ``image_format_not_allowed``
+(a format PIL knows but ``image_formats`` does not list: only those parsers run), ``image_too_small``
 (short side < ``min_side``), ``bad_aspect_ratio``. Caption reasons: ``invalid_utf8``,
 ``empty_caption``, ``caption_too_short``, ``caption_too_long``.
 """
@@ -48,7 +49,8 @@ def process_image(data: bytes, cfg: PreprocessConfig) -> tuple[bytes, str]:
     scale step.
     """
     try:
-        img = decode_image(data, max_pixels=cfg.max_image_pixels, draft_size=max(cfg.image_size, cfg.min_side))
+        img = decode_image(data, max_pixels=cfg.max_image_pixels, draft_size=max(cfg.image_size, cfg.min_side),
+                           formats=cfg.image_formats)
     except ImageDecodeError as e:
         return b"", f"image_{e.reason}"
     width, height = img.size

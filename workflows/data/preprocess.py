@@ -1,30 +1,33 @@
 """`clipflow preprocess`: raw image-text shards -> training shards (Parquet) + ``manifest.json``.
 
-    inputs ──► [tokenizer pass] ──► per-source parts (Ray Data) ──► dedup + shard (driver) ──► manifest
-              captions only,        read, validate, filter,          canonical order,         written
-              trains the BPE        decode + resize, re-encode,      exact dedup, fixed       last
-              (source=train)        hash, tokenize                   rows per shard
+    inputs ──► [tokenizer pass] ──► per-source parts ──► dedup (shuffle) ──► shards ──► manifest
+              a bounded, seeded     read, validate,      hash-partitioned,   one task    written
+              caption sample        filter, decode +     first occurrence    per shard   last
+              (source=train)        resize, hash, tokenize  wins
+
+Every stage runs in Ray tasks; the driver handles per-source and per-shard metadata only (counts,
+object references, a few integers a shard), so its memory and I/O do not grow with the samples.
 
 Why this shape:
 - The CPU-heavy work (decode + resize + JPEG encode + tokenize) runs in Ray Data tasks, one per input
   source (img2dataset shards hold ~10k samples, so sources are the natural unit of parallelism and of
   resume). Each task writes its rows -- accepted ones with their small re-encoded JPEG and tokens,
-  rejected ones with only their reason -- to ``_work/<run>/part-NNNNN.parquet``. Nothing streams
-  through the driver at this stage and memory per task is one source's output.
-- Dedup and sharding run on the driver over the parts in canonical order (source order, then order
-  within the source): the first occurrence of each content hash is kept, so the result does not depend
-  on which task finished first. The driver holds one 16-byte hash per accepted sample (~1.6 GB per
-  100M samples in a Python set); beyond that scale, replace it by a hash-partitioned groupby.
-  Duplicates are still decoded and resized once in stage 1 (which copy is "first" depends on the
-  canonical order, known only here); exact duplicates are a small fraction of web data.
+  rejected ones with only their reason -- to ``_work/<run>/part-NNNNN.parquet``.
+- Exact dedup is a shuffle of 24 bytes a sample (``data.dedup``): the first occurrence of each content
+  hash in canonical order (source order, then order within the source) is kept, whatever the task
+  counts or timing. Duplicates are still decoded and resized once in stage 1 (which copy is "first"
+  is known only after the shuffle); exact duplicates are a small fraction of web data.
+- Shards are cut from the survivors in canonical order, ``rows_per_shard`` each, and written by one
+  task per shard (``data.shards``), so their bytes depend on the data and config only.
 - Part files live under the output directory, so on a multi-node cluster the output must be
   ``s3://`` or a shared filesystem (a warning says so otherwise).
 - Exact accounting: every sample gets one outcome (written, duplicate or a reject reason), so
-  ``input = written + duplicates + sum(rejected)`` holds by construction and is checked by tests.
+  ``input = written + duplicates + sum(rejected)`` holds by construction and is checked.
 - Deterministic + resumable: the run fingerprint (inputs' names/sizes/mtimes + config) names the work
   directory; parts and shards already finished for the same fingerprint are reused (shards verified by
-  sha256 from the progress file). Every file is written atomically; ``manifest.json`` comes last,
-  so a directory with a manifest is complete.
+  sha256). Every file is written atomically; ``manifest.json`` comes last, so a directory with a
+  manifest is complete. The output directory only ever loses files clipflow wrote there (shards an
+  earlier manifest or run listed), and it may not hold any of the inputs.
 """
 
 from __future__ import annotations
@@ -32,11 +35,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import tempfile
 import time
 import warnings
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -44,84 +47,159 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clip_core.tokenizer import Tokenizer
-from workflows.artifacts import DATA_TOKENIZER_DIR, ROW_GROUP_ROWS, DataManifest
+from workflows.artifacts import DATA_TOKENIZER_DIR, DataManifest
 from workflows.common import storage
 from workflows.common.config import Config, ConfigError, PreprocessConfig
 from workflows.common.errors import UserError
 from workflows.common.log import Progress
 from workflows.common.runtime import ensure_ray, ray_data_context
+from workflows.data import dedup, shards
 from workflows.data.filters import clean_caption, content_hash, process_image
-from workflows.data.readers import Source, expand_inputs, read_source
+from workflows.data.readers import ReadLimits, Source, expand_inputs, read_source
 from workflows.data.tokenizer_io import load_tokenizer, save_tokenizer, tokenizer_exists
 
-VERSION = 1  # of this algorithm: part of the run fingerprint, so a change redoes finished outputs
+VERSION = 2  # of this algorithm: part of the run fingerprint, so a change redoes finished outputs
 WORK_DIR = "_work"
 PROGRESS = "progress.json"
-SHARD_NAME = "shard-{:05d}.parquet"
 PART_NAME = "part-{:05d}.parquet"
 
 PART_SCHEMA = pa.schema([("key", pa.string()), ("status", pa.string()), ("image", pa.binary()),
                          ("caption", pa.string()), ("tokens", pa.list_(pa.int32())), ("hash", pa.binary())])
-SHARD_COLUMNS = ["key", "image", "caption", "tokens"]
+
+
+@dataclass
+class PreprocessResult:
+    """What `clipflow preprocess` made (``manifest``) and how the run went."""
+
+    manifest: DataManifest
+    output: str
+    up_to_date: bool
+    wall_seconds: float
+    process_seconds: float = 0.0
+    samples_per_second: float = 0.0
+    parts_reused: int = 0
+    shards_reused: int = 0
+    dedup_tasks: tuple[int, int] = (0, 0)  # (map tasks, partitions) of the dedup shuffle
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # tokenizer, parts, dedup, shards
 
 
 # ---- the run ----------------------------------------------------------------------------------------
 
 def run_preprocess(cfg: Config, *, force: bool = False,
-                   on_shard: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Run (or resume) preprocessing; returns the manifest plus a ``run`` entry with timings.
+                   on_shard: Callable[[int], None] | None = None) -> PreprocessResult:
+    """Run (or resume) preprocessing.
 
-    ``on_shard(i)`` is called after shard ``i`` is committed (progress reporting; tests use it to
-    interrupt a run between shards).
+    ``on_shard(i)`` is called on the driver after shard ``i`` is committed, in completion order
+    (progress reporting; tests use it to interrupt a run).
     """
     start = time.monotonic()
     pre = cfg.preprocess
     pre.validate()
     endpoint = storage.s3_endpoint(cfg.storage.s3_endpoint)
     _check_tokenizer_config(cfg, endpoint)
-    sources = expand_inputs(pre.inputs, pre.input_format, endpoint)
+    sources = expand_inputs(pre.inputs, pre.input_format, endpoint, ReadLimits.from_config(pre))
+    out = pre.output
+    _check_output_holds_no_input(out, sources)
     input_fp = _digest([dataclasses.asdict(s) for s in sources])
     run_fp = _digest({"version": VERSION, "inputs": input_fp, "preprocess": _config_for_hash(pre),
                       "tokenizer": dataclasses.asdict(cfg.tokenizer)})
-    out = pre.output
     work = storage.join(out, WORK_DIR, run_fp[:16])
-    manifest_uri = DataManifest.uri(out)
 
     if not force:
-        done = _finished_manifest(manifest_uri, run_fp, endpoint)
+        done = _finished_manifest(out, run_fp, endpoint)
         if done is not None:
-            return {**done, "run": {"up_to_date": True, "output": out,
-                                    "wall_seconds": round(time.monotonic() - start, 2)}}
-    storage.delete(manifest_uri, endpoint)  # a stale manifest must not describe the shards we rewrite
+            return PreprocessResult(done, out, up_to_date=True, wall_seconds=round(time.monotonic() - start, 2))
+    ours = _shards_clipflow_wrote(out, endpoint)
+    storage.delete(DataManifest.uri(out), endpoint)  # a stale manifest must not describe the shards we rewrite
     if force:
         storage.delete(storage.join(out, WORK_DIR), endpoint)
-    progress = _read_json(storage.join(work, PROGRESS), endpoint) or {"shards": {}}
+    progress = _read_json(storage.join(work, PROGRESS), endpoint) or {}
 
     ensure_ray()
     _check_output_reachable(out)
-    tokenizer = _prepare_tokenizer(cfg, sources, endpoint, progress, work)
-    process_start = time.monotonic()
-    parts_reused = _build_parts(cfg, sources, tokenizer, endpoint, work)
-    process_seconds = time.monotonic() - process_start
-    counts, shards, shards_reused = _write_shards(cfg, sources, endpoint, work, progress, on_shard)
+    clock = _StageClock()
+    tokenizer, tokenizer_captions = _prepare_tokenizer(cfg, sources, endpoint, progress, work)
+    clock.done("tokenizer")
+    parts_reused, part_rows = _build_parts(cfg, sources, tokenizer, endpoint, work)
+    process_seconds = clock.done("parts")
+    part_uris = [storage.join(work, PART_NAME.format(i)) for i in range(len(sources))]
+    outcomes, groups = dedup.find_duplicates(
+        part_uris, work, endpoint, dedup=pre.dedup != "none", samples=sum(part_rows),
+        map_tasks=pre.dedup_map_tasks, partitions=pre.dedup_partitions)
+    clock.done("dedup")
+    metadata = {"clipflow.tokenizer": tokenizer.id, "clipflow.image_size": str(pre.image_size),
+                "clipflow.context_length": str(cfg.tokenizer.context_length)}
+    entries, shards_reused = shards.write_all(
+        shards.plan([o.kept for o in outcomes], pre.rows_per_shard), part_uris, groups,
+        out=out, work=work, endpoint=endpoint, metadata=metadata, on_shard=on_shard)
+    clock.done("shards")
+    counts = _counts(outcomes, entries)
 
-    for uri in storage.list_files(out, endpoint):  # shards of an earlier, larger run
-        name = storage.basename(uri)
-        if name.startswith("shard-") and name not in {s["path"] for s in shards}:
-            storage.delete(uri, endpoint)
+    for name in ours - {e["path"] for e in entries}:  # shards of an earlier, larger run
+        storage.delete(storage.join(out, name), endpoint)
     manifest = DataManifest(
-        counts=counts, shards=shards, tokenizer=tokenizer.id, context_length=cfg.tokenizer.context_length,
-        image_size=pre.image_size, tokenizer_path=DATA_TOKENIZER_DIR, content_hash=_digest([s["sha256"] for s in shards]),
+        counts=counts, shards=entries, tokenizer=tokenizer.id, context_length=cfg.tokenizer.context_length,
+        image_size=pre.image_size, tokenizer_path=DATA_TOKENIZER_DIR,
+        content_hash=_digest([e["sha256"] for e in entries]),
         extra={"vocab_size": tokenizer.vocab_size, "resize_mode": pre.resize_mode, "sources": [s.uri for s in sources],
                "input_fingerprint": input_fp, "run_fingerprint": run_fp, "config": dataclasses.asdict(pre),
-               "tokenizer_config": dataclasses.asdict(cfg.tokenizer), "bytes": sum(s["bytes"] for s in shards)})
+               "tokenizer_config": dataclasses.asdict(cfg.tokenizer), "tokenizer_train_captions": tokenizer_captions,
+               "bytes": sum(e["bytes"] for e in entries)})
     manifest.write(out, endpoint)
     storage.delete(storage.join(out, WORK_DIR), endpoint)
-    wall = time.monotonic() - start
-    run = {"up_to_date": False, "wall_seconds": round(wall, 2), "process_seconds": round(process_seconds, 2),
-           "samples_per_second": round(counts["input"] / max(process_seconds, 1e-9), 1),
-           "parts_reused": parts_reused, "shards_reused": shards_reused, "output": out}
-    return {**manifest.to_dict(), "run": run}
+    return PreprocessResult(
+        manifest, out, up_to_date=False, wall_seconds=round(time.monotonic() - start, 2),
+        process_seconds=process_seconds,
+        samples_per_second=round(counts["input"] / max(process_seconds, 1e-9), 1),
+        parts_reused=parts_reused, shards_reused=shards_reused,
+        dedup_tasks=dedup.task_counts(len(sources), sum(part_rows), pre.dedup_map_tasks, pre.dedup_partitions),
+        stage_seconds=clock.seconds)
+
+
+class _StageClock:
+    """Seconds per stage, each measured from the end of the one before."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def done(self, stage: str) -> float:
+        now = time.monotonic()
+        self.seconds[stage] = round(now - self._last, 2)
+        self._last = now
+        return self.seconds[stage]
+
+
+def _counts(outcomes: list[dedup.PartOutcome], entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """input = written + duplicates + rejected by reason; each sample had exactly one outcome."""
+    rejected: Counter[str] = Counter()
+    for o in outcomes:
+        rejected.update(o.rejected)
+    counts = {"input": sum(o.rows for o in outcomes), "written": sum(e["rows"] for e in entries),
+              "duplicates": sum(o.duplicates for o in outcomes), "rejected": dict(sorted(rejected.items()))}
+    if counts["input"] != counts["written"] + counts["duplicates"] + sum(rejected.values()):
+        raise AssertionError(f"count identity broken: {counts}")  # cannot happen: a bug, not bad input
+    return counts
+
+
+def _check_output_holds_no_input(output: str, sources: list[Source]) -> None:
+    """The output directory is clipflow's: refuse one that holds an input (its clean-up must never
+    touch what clipflow did not write)."""
+    root = output.rstrip("/") + "/"
+    inside = [s.uri for s in sources if s.uri.startswith(root)]
+    if inside:
+        raise UserError(f"preprocess.output={output} holds {len(inside)} of the inputs (e.g. {inside[0]}); "
+                        "write the training shards to a directory of their own")
+
+
+def _shards_clipflow_wrote(output: str, endpoint: str) -> set[str]:
+    """Shard files in ``output`` that an earlier manifest or an earlier run's work directory lists."""
+    names: set[str] = set()
+    earlier = _read_json(DataManifest.uri(output), endpoint)
+    if earlier and isinstance(earlier.get("shards"), list):
+        names.update(str(e.get("path", "")) for e in earlier["shards"] if isinstance(e, dict))
+    return {n for n in names if shards.SHARD_PATTERN.fullmatch(n)} | shards.marked(storage.join(output, WORK_DIR),
+                                                                                 endpoint)
 
 
 def _check_output_reachable(output: str) -> None:
@@ -136,10 +214,11 @@ def _check_output_reachable(output: str) -> None:
 
 
 def _config_for_hash(pre: PreprocessConfig) -> dict[str, Any]:
-    """Everything that changes the output; ``inputs`` are covered by the source fingerprint."""
+    """Everything that changes the output; ``inputs`` are covered by the source fingerprint, and the
+    dedup task counts only split the work."""
     d = dataclasses.asdict(pre)
-    d.pop("inputs")
-    d.pop("output")
+    for name in ("inputs", "output", "dedup_map_tasks", "dedup_partitions"):
+        d.pop(name)
     return d
 
 
@@ -154,14 +233,14 @@ def _check_tokenizer_config(cfg: Config, endpoint: str) -> None:
                           f"Tokenizer.save (got {tok.path!r})")
 
 
-def _finished_manifest(uri: str, run_fp: str, endpoint: str) -> dict[str, Any] | None:
+def _finished_manifest(output: str, run_fp: str, endpoint: str) -> DataManifest | None:
     """The existing manifest when it was written by this exact run and all its shards verify."""
-    manifest = _read_json(uri, endpoint)
-    if not manifest or manifest.get("run_fingerprint") != run_fp:
+    raw = _read_json(DataManifest.uri(output), endpoint)
+    if not raw or raw.get("run_fingerprint") != run_fp:
         return None
-    base = storage.dirname(uri)
-    for shard in manifest["shards"]:
-        if not _verify(storage.join(base, shard["path"]), shard["sha256"], endpoint):
+    manifest = DataManifest.from_dict(raw)
+    for uri, entry in zip((u for u, _ in manifest.shard_uris(output)), manifest.shards):
+        if not shards.verify(uri, entry["sha256"], endpoint):
             return None
     return manifest
 
@@ -169,14 +248,16 @@ def _finished_manifest(uri: str, run_fp: str, endpoint: str) -> dict[str, Any] |
 # ---- tokenizer --------------------------------------------------------------------------------------
 
 def _prepare_tokenizer(cfg: Config, sources: list[Source], endpoint: str, progress: dict[str, Any],
-                       work: str) -> Tokenizer:
-    """Build (or reuse from an interrupted run) the tokenizer and save it under ``<output>/tokenizer``."""
+                       work: str) -> tuple[Tokenizer, int]:
+    """Build (or reuse from an interrupted run) the tokenizer and save it under ``<output>/tokenizer``;
+    also returns how many captions it was trained on (0 when it was not trained here)."""
     tcfg = cfg.tokenizer
     target = storage.join(cfg.preprocess.output, DATA_TOKENIZER_DIR)
     if progress.get("tokenizer") and tokenizer_exists(target, endpoint):
         tok = load_tokenizer(target, endpoint)
         if tok.id == progress["tokenizer"]:
-            return tok
+            return tok, int(progress.get("tokenizer_captions", 0))
+    captions = 0
     if tcfg.source == "openai_bpe":
         with tempfile.TemporaryDirectory() as tmp:
             tok = Tokenizer.from_openai_bpe(storage.local_copy(tcfg.bpe_path, tmp, endpoint),
@@ -184,61 +265,77 @@ def _prepare_tokenizer(cfg: Config, sources: list[Source], endpoint: str, progre
     elif tcfg.source == "path":
         tok = load_tokenizer(tcfg.path, endpoint)
     else:
-        tok = _train_tokenizer(cfg, sources, endpoint)
+        tok, captions = _train_tokenizer(cfg, sources, endpoint)
     save_tokenizer(tok, target, endpoint)
-    progress["tokenizer"] = tok.id
+    progress.update(tokenizer=tok.id, tokenizer_captions=captions)
     storage.write_bytes(storage.join(work, PROGRESS), _dumps(progress), endpoint)
-    return tok
+    return tok, captions
 
 
-def _train_tokenizer(cfg: Config, sources: list[Source], endpoint: str) -> Tokenizer:
-    """A separate pass over the captions only (caption filters applied; images are not decoded)."""
+def _train_tokenizer(cfg: Config, sources: list[Source], endpoint: str) -> tuple[Tokenizer, int]:
+    """Train the BPE on a bounded, seeded sample of the captions (caption filters applied; images are
+    not decoded): each source's task sends at most ``ceil(train_captions / sources)`` of its captions,
+    so the driver holds at most ``train_captions + sources`` of them, whatever the data size."""
+    quota = -(-cfg.tokenizer.train_captions // len(sources))
     with ray_data_context(preserve_order=True):  # a dataset keeps the context it was created in
         ds = _source_dataset(sources).map_batches(
-            _caption_batch, batch_size=1, fn_kwargs={"sources": sources, "cfg": cfg.preprocess, "endpoint": endpoint},
-            **_remote_args(sources, cfg.preprocess.output))
-        with Progress(None, "tokenizer: reading captions", "captions") as bar:
+            _caption_batch, batch_size=1,
+            fn_kwargs={"sources": sources, "cfg": cfg.preprocess, "endpoint": endpoint, "quota": quota,
+                       "seed": cfg.tokenizer.seed})
+        seen = 0
+        with Progress(None, "tokenizer: sampling captions", "captions") as bar:
             def captions() -> Iterator[str]:
+                nonlocal seen
                 for row in ds.iter_rows():
                     bar.update(1)
+                    seen += 1
                     yield row["caption"]
 
             try:
                 tok = Tokenizer.train(captions(), cfg.tokenizer.vocab_size, cfg.tokenizer.context_length)
             except ValueError as e:
                 raise UserError(f"cannot train the tokenizer on these captions: {e}") from e
-    return tok
+    return tok, seen
 
 
 def _caption_batch(batch: dict[str, np.ndarray], sources: list[Source], cfg: PreprocessConfig,
-                   endpoint: str) -> dict[str, list[str]]:
+                   endpoint: str, quota: int, seed: int) -> dict[str, list[str]]:
+    """A source's clean captions, or a seeded sample of ``quota`` of them (kept in their order)."""
     captions = []
     for index in batch["index"]:
+        found = []
         for sample in read_source(sources[int(index)], endpoint):
             if not sample.error:
                 caption, reason = clean_caption(sample.caption, cfg)
                 if not reason:
-                    captions.append(caption)
+                    found.append(caption)
+        if len(found) > quota:
+            chosen = np.random.default_rng([seed, int(index)]).choice(len(found), quota, replace=False)
+            found = [found[i] for i in np.sort(chosen)]
+        captions.extend(found)
     return {"caption": captions}
 
 
 # ---- stage 1: per-source parts on Ray Data ------------------------------------------------------------
 
-def _build_parts(cfg: Config, sources: list[Source], tokenizer: Tokenizer, endpoint: str, work: str) -> int:
-    """Process every source not already done into its part file; returns how many were reused."""
+def _build_parts(cfg: Config, sources: list[Source], tokenizer: Tokenizer, endpoint: str,
+                 work: str) -> tuple[int, list[int]]:
+    """Process every source not already done into its part file; returns how many were reused, and
+    each part's rows."""
     reused = samples = 0
+    rows = [0] * len(sources)
     with ray_data_context(preserve_order=False), \
             Progress(len(sources), "preprocess: decode/resize/encode", "sources") as bar:
         ds = _source_dataset(sources).map_batches(
             _part_batch, batch_size=1,
             fn_kwargs={"sources": sources, "cfg": cfg.preprocess, "tokenizer": tokenizer,
-                       "context_length": cfg.tokenizer.context_length, "endpoint": endpoint, "work": work},
-            **_remote_args(sources, cfg.preprocess.output))
+                       "context_length": cfg.tokenizer.context_length, "endpoint": endpoint, "work": work})
         for row in ds.iter_rows():
             reused += int(row["reused"])
             samples += int(row["samples"])
+            rows[int(row["index"])] = int(row["samples"])
             bar.update(1, samples=samples)
-    return reused
+    return reused, rows
 
 
 def _part_batch(batch: dict[str, np.ndarray], sources: list[Source], cfg: PreprocessConfig,
@@ -250,7 +347,7 @@ def _part_batch(batch: dict[str, np.ndarray], sources: list[Source], cfg: Prepro
             rows, reused = pq.read_metadata(storage.open_input(uri, endpoint)).num_rows, True
         else:
             table = process_source(sources[int(index)], cfg, tokenizer, context_length, endpoint)
-            storage.write_bytes(uri, _parquet_bytes(table), endpoint)
+            storage.write_bytes(uri, shards.parquet_bytes(table), endpoint)
             rows, reused = table.num_rows, False
         out["index"].append(int(index))
         out["samples"].append(rows)
@@ -292,99 +389,6 @@ def _source_dataset(sources: list[Source]):
     return ray.data.from_items([{"index": i} for i in range(len(sources))], override_num_blocks=len(sources))
 
 
-def _remote_args(sources: list[Source], output: str) -> dict[str, Any]:
-    """Forward the driver's AWS settings to the tasks when S3 is involved (a local Ray runtime started
-    before they were set would not pass them on)."""
-    if not any(storage.is_s3(u) for u in [output] + [s.uri for s in sources]):
-        return {}
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
-    return {"runtime_env": {"env_vars": env}} if env else {}
-
-
-# ---- stage 2: dedup + shards on the driver -------------------------------------------------------------
-
-def _write_shards(cfg: Config, sources: list[Source], endpoint: str, work: str, progress: dict[str, Any],
-                  on_shard: Callable[[int], None] | None) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
-    """Walk the parts in canonical order: count outcomes, drop duplicates (first occurrence wins), and
-    cut fixed-size shards; shards already committed by an interrupted run are verified and kept."""
-    pre = cfg.preprocess
-    out = pre.output
-    seen: set[bytes] = set()
-    rejected: Counter[str] = Counter()
-    total = duplicates = 0
-    pending: list[pa.Table] = []
-    pending_rows = 0
-    shards: list[dict[str, Any]] = []
-    reused = 0
-
-    def commit(table: pa.Table) -> None:
-        nonlocal reused
-        index = len(shards)
-        name = SHARD_NAME.format(index)
-        uri = storage.join(out, name)
-        entry = progress["shards"].get(name)
-        if entry is not None and entry["rows"] == table.num_rows and _verify(uri, entry["sha256"], endpoint):
-            reused += 1
-        else:
-            data = _parquet_bytes(table)
-            entry = {"path": name, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            storage.write_bytes(uri, data, endpoint)
-            progress["shards"][name] = entry
-            storage.write_bytes(storage.join(work, PROGRESS), _dumps(progress), endpoint)
-        shards.append(entry)
-        if on_shard is not None:
-            on_shard(index)
-
-    with Progress(len(sources), "preprocess: dedup + write shards", "sources") as bar:
-        for index in range(len(sources)):
-            part = pq.ParquetFile(storage.open_input(storage.join(work, PART_NAME.format(index)), endpoint))
-            for batch in part.iter_batches(batch_size=1024):
-                keep = []
-                for status, digest in zip(batch.column("status").to_pylist(), batch.column("hash").to_pylist()):
-                    total += 1
-                    if status:
-                        rejected[status] += 1
-                        keep.append(False)
-                    elif pre.dedup != "none" and digest in seen:
-                        duplicates += 1
-                        keep.append(False)
-                    else:
-                        if pre.dedup != "none":
-                            seen.add(digest)
-                        keep.append(True)
-                kept = pa.Table.from_batches([batch]).filter(pa.array(keep, pa.bool_())).select(SHARD_COLUMNS)
-                if kept.num_rows:
-                    pending.append(kept)
-                    pending_rows += kept.num_rows
-                while pending_rows >= pre.rows_per_shard:
-                    table = pa.concat_tables(pending)
-                    commit(table.slice(0, pre.rows_per_shard).combine_chunks())
-                    rest = table.slice(pre.rows_per_shard)
-                    pending, pending_rows = [rest] if rest.num_rows else [], rest.num_rows
-            bar.update(1)
-    if pending_rows:
-        commit(pa.concat_tables(pending).combine_chunks())
-    written = sum(s["rows"] for s in shards)
-    counts = {"input": total, "written": written, "duplicates": duplicates, "rejected": dict(sorted(rejected.items()))}
-    if total != written + duplicates + sum(rejected.values()):  # cannot happen: each row has one outcome
-        raise AssertionError(f"count identity broken: {counts}")
-    return counts, shards, reused
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    """Deterministic Parquet bytes (fixed row groups and codec; no timestamps in the file)."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS, compression="zstd")
-    return sink.getvalue().to_pybytes()
-
-
-def _verify(uri: str, sha256: str, endpoint: str) -> bool:
-    try:
-        return hashlib.sha256(storage.read_bytes(uri, endpoint)).hexdigest() == sha256
-    except FileNotFoundError:
-        return False
-
-
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
@@ -400,7 +404,3 @@ def _read_json(uri: str, endpoint: str) -> dict[str, Any] | None:
         return None
     except json.JSONDecodeError:
         return None  # a damaged progress/manifest file only means the work is redone
-
-
-# ---- summary ---------------------------------------------------------------------------------------------
-

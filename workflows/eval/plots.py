@@ -6,15 +6,22 @@ import numpy as np
 
 from workflows.data.eval_sets import DatasetResult
 
+# Above this many classes (ImageNet's 1000) a confusion image is unreadable and huge: the matrix goes as JSON.
+MAX_FIGURE_CLASSES = 60
+
 
 def log_dataset(client, run_id: str, name: str, result: DatasetResult) -> None:
-    """Per-class accuracy table and confusion-matrix image of a classification set."""
+    """Per-class accuracy table and confusion matrix (an image, or JSON for many classes) of a classification set."""
     if not result.per_class:
         return
     import pandas as pd
 
     table = pd.DataFrame(result.per_class, columns=["class", "recall", "support"])
     client.log_table(run_id, data=table, artifact_file=f"{name}/per_class_accuracy.json")
+    if len(result.classnames) > MAX_FIGURE_CLASSES:
+        client.log_dict(run_id, {"classes": result.classnames, "rows_true_columns_predicted": result.confusion},
+                        f"{name}/confusion_matrix.json")
+        return
     client.log_figure(run_id, confusion_figure(result.confusion, result.classnames, name),
                       f"{name}/confusion_matrix.png")
 

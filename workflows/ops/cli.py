@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("workflows.ops.stages:Preprocess", "raw image-text shards -> training shards + manifest (Ray Data)"),
     "train": ("workflows.ops.stages:Train", "contrastive pretraining on the training shards (Ray Train)"),
     "eval": ("workflows.ops.stages:Eval", "zero-shot / retrieval eval of registered model versions"),
+    "sync": ("workflows.ops.stages:Sync", "deliver what a training run left in its MLflow spool (server was down)"),
     "demo": ("workflows.ops.demo", "run every stage locally on the sample data and print a summary"),
     "submit": ("workflows.ops.submit", "submit a stage to a Ray cluster through the Job Submission API"),
     "k8s": ("workflows.ops.k8s_render", "Kubernetes helpers (`clipflow k8s render|run|status`)"),

@@ -14,13 +14,16 @@ import time
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workflows.common.config import Config
 from workflows.common.errors import UserError
 from workflows.common.log import get_logger
 from workflows.common.runtime import ensure_ray
 from workflows.ops.local_mlflow import LocalMlflowServer
+
+if TYPE_CHECKING:
+    from workflows.eval.job import EvalOutcome, EvalResult
 
 log = get_logger("demo")
 
@@ -68,7 +71,7 @@ def run_demo(cfg: Config) -> dict[str, Any]:
             generate_sample_data(cfg.sample_data)
 
         log.info("2/4 preprocess (Ray Data)")
-        manifest = run_preprocess(cfg)
+        data = run_preprocess(cfg).manifest
 
         log.info("3/4 train (Ray Train) + register checkpoints (MLflow)")
         train = train_with_tracking(cfg)
@@ -79,22 +82,22 @@ def run_demo(cfg: Config) -> dict[str, Any]:
         champion = _champion(uri, cfg.mlflow.registered_model)
 
     result = _final_eval(evals, train.mlflow_run_id)
-    metrics = result["metrics"]
+    metrics = result.metrics
     zs_top1 = _metric(metrics, "acc1")
     summary = {
         "zero_shot_top1": zs_top1,
-        "chance_top1": 1.0 / result["num_classes"],
+        "chance_top1": 1.0 / result.num_classes,
         "retrieval_recall_at_1": _metric(metrics, "image_retrieval_recall@1"),
         "text_retrieval_recall_at_1": _metric(metrics, "text_retrieval_recall@1"),
         "registered_model": cfg.mlflow.registered_model,
-        "model_version": result["version"],
-        "aliases": result.get("aliases", []),
+        "model_version": result.version,
+        "aliases": result.aliases,
         "champion_version": champion,
         "tracking_uri": uri,
         "mlflow_run_id": train.mlflow_run_id,
         "mlflow_run_url": run_url,
         "mlflow_ui_command": server.ui_command() if server else f"open {uri}",
-        "data_counts": manifest["counts"],
+        "data_counts": data.counts,
         "train_samples_per_second": train.samples_per_second,
         "train_steps": train.steps,
         "final_loss": train.final_loss,
@@ -107,13 +110,13 @@ def run_demo(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def _final_eval(evals: list[dict[str, Any]], run_id: str) -> dict[str, Any]:
+def _final_eval(evals: EvalResult, run_id: str) -> EvalOutcome:
     """The eval result of the newest version this run registered (the final checkpoint)."""
-    done = [e for e in evals if e["status"] == "done" and e.get("run_id", run_id) == run_id]
+    done = [e for e in evals.with_status("done") if (e.run_id or run_id) == run_id]
     if not done:
-        reasons = "; ".join(f"v{e['version']}: {e.get('reason')}" for e in evals) or "no pending versions"
+        reasons = "; ".join(f"v{e.version}: {e.reason}" for e in evals.outcomes) or "no pending versions"
         raise UserError(f"no model version of this run was evaluated ({reasons})")
-    return max(done, key=lambda e: int(e["version"]))
+    return max(done, key=lambda e: int(e.version))
 
 
 def _metric(metrics: dict[str, float], name: str) -> float:

@@ -20,6 +20,7 @@ Every check returns a list of readable errors (``where: what``) so one run repor
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import re
@@ -37,7 +38,7 @@ KUBERNETES_VERSION = "1.32.0"  # oldest Kubernetes minor still supported upstrea
 KUBERAY_KINDS = ("RayCluster", "RayJob", "RayCronJob")
 # RayJob.spec.submissionMode is a free string in the CRD; the operator accepts only these.
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
-# What k8s/networkpolicies.yaml selects clipflow's pods by: a pod without it can reach nothing.
+# What k8s/base/networkpolicies.yaml selects clipflow's pods by: a pod without it can reach nothing.
 PART_OF = {"app.kubernetes.io/part-of": "clipflow"}
 SUBMITTER_LABELS = {**PART_OF, "app.kubernetes.io/component": "ray-job-submitter"}
 # The operator sets these from authOptions only in containers that do not set them, so a container's own win.
@@ -46,6 +47,8 @@ OPERATOR_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
 RESTRICTED_VOLUME_TYPES = ("configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
                            "projected", "secret")
 MAX_INT32 = 2**31 - 1
+# Where Kubernetes clients (the autoscaler's among them) read the pod's ServiceAccount token, CA and namespace.
+API_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 # A Kubernetes $(VAR) reference; $$ escapes it.
 _VAR_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 
@@ -299,9 +302,41 @@ def _check_autoscaler(spec: dict[str, Any], where: str) -> list[str]:
     options = spec.get("autoscalerOptions", {})
     container = {"name": "autoscaler", "resources": options.get("resources", {}),
                  "securityContext": options.get("securityContext", {})}
-    pod_ctx = spec.get("headGroupSpec", {}).get("template", {}).get("spec", {}).get("securityContext", {})
+    head = spec.get("headGroupSpec", {}).get("template", {}).get("spec", {})
     at = f"{where}.autoscalerOptions"
-    return _check_container(container, pod_ctx, at) + _check_auth_env([{"name": "autoscaler", **options}], at)
+    return (_check_container(container, head.get("securityContext", {}), at)
+            + _check_auth_env([{"name": "autoscaler", **options}], at) + _check_autoscaler_token(spec, where))
+
+
+def _check_autoscaler_token(spec: dict[str, Any], where: str) -> list[str]:
+    """The operator binds its autoscaler Role to the head pod's ServiceAccount, and the sidecar reads that
+    account's token at API_TOKEN_DIR: it must be there for the autoscaler alone (not in the Ray container,
+    where job drivers run), and no other pod may share the account (the binding would reach it too)."""
+    head = spec.get("headGroupSpec", {}).get("template", {}).get("spec", {})
+    at = f"{where}.headGroupSpec.template.spec"
+    account = head.get("serviceAccountName")
+    if not account or account == "default":
+        return [f"{at}.serviceAccountName: set a ServiceAccount of the head's own (the operator binds the "
+                "autoscaler's Role to it)"]
+    errors = [f"{where}.{path}: uses the head's ServiceAccount {account!r}, which the operator binds to the "
+              "autoscaler's Role; give the workers another account" for path, group in ray_groups(spec)
+              if path != "headGroupSpec" and group.get("template", {}).get("spec", {}).get("serviceAccountName")
+              == account]
+    if head.get("automountServiceAccountToken") is not False:
+        errors.append(f"{at}.automountServiceAccountToken: set false (an automounted token reaches the Ray "
+                      "container too) and project the token into the autoscaler (autoscalerOptions.volumeMounts)")
+    token_volumes = {v["name"] for v in head.get("volumes", []) if any(
+        "serviceAccountToken" in source for source in v.get("projected", {}).get("sources", []))}
+    mounts = spec.get("autoscalerOptions", {}).get("volumeMounts", [])
+    if not any(m.get("name") in token_volumes and m.get("mountPath") == API_TOKEN_DIR for m in mounts):
+        errors.append(f"{where}.autoscalerOptions.volumeMounts: mount a projected serviceAccountToken volume of the "
+                      f"head pod at {API_TOKEN_DIR}: without it the autoscaler cannot call the Kubernetes API and "
+                      "the worker groups never scale")
+    for container in head.get("containers", []):
+        if any(m.get("name") in token_volumes for m in container.get("volumeMounts", [])):
+            errors.append(f"{at}.containers({container.get('name')}): mounts the API token; only the autoscaler "
+                          "may (job drivers run in the Ray container)")
+    return errors
 
 
 def _check_auth_env(containers: list[dict[str, Any]], where: str) -> list[str]:
@@ -312,12 +347,12 @@ def _check_auth_env(containers: list[dict[str, Any]], where: str) -> list[str]:
 
 
 def _check_network_labels(template: dict[str, Any], where: str, labels: dict[str, str]) -> list[str]:
-    """The pod template carries the labels k8s/networkpolicies.yaml admits its pods by."""
+    """The pod template carries the labels k8s/base/networkpolicies.yaml admits its pods by."""
     have = template.get("metadata", {}).get("labels", {})
     missing = {k: v for k, v in labels.items() if have.get(k) != v}
     if not missing:
         return []
-    return [(f"{where}.metadata.labels: add {missing}: k8s/networkpolicies.yaml selects pods by them, "
+    return [(f"{where}.metadata.labels: add {missing}: k8s/base/networkpolicies.yaml selects pods by them, "
              "and a pod without them can reach nothing")]
 
 
@@ -368,12 +403,221 @@ def _check_submitter(template: dict[str, Any] | None, where: str) -> list[str]:
             + check_pod_spec(template.get("spec", {}), f"{where}.spec", read_only_root=False))
 
 
-# YAML under k8s/ that holds no Kubernetes object: kustomize's input and the KubeRay operator's Helm values.
-NOT_OBJECTS = ("kustomization.yaml", "kuberay-operator-values.yaml")
+# --- kustomize, offline ------------------------------------------------------------------------------------
+#
+# No kustomize binary (and no pure-Python kustomize) exists here, so `build_kustomization` resolves the subset
+# of kustomize that k8s/ uses, the way `kustomize build` (v5) does, and refuses every other field instead of
+# ignoring it, so a build here never silently differs from the cluster's:
+# - resources: files inside the kustomization's directory (kustomize's load restrictor) or directories
+#   holding a kustomization (built recursively, each with its own transformers first);
+# - patches: strategic-merge patches (file `path:` or inline `patch:`), matched to one object by kind and
+#   name. Maps merge key by key (null deletes); lists of core kinds merge by the Kubernetes merge keys
+#   (STRATEGIC_MERGE_KEYS); every other list, and every list of a custom resource (KubeRay's kinds have
+#   no merge keys for kustomize), is replaced whole;
+# - namespace: set on every namespaced object and on ServiceAccount subjects of (Cluster)RoleBindings;
+# - labels: `pairs` added to metadata.labels (not selectors, not templates);
+# - images: `newName`, `newTag`, `digest` for every `containers`/`initContainers` image of that name at any
+#   depth (kustomize's legacy image filter, which reaches the pods of a RayJob's rayClusterSpec too).
+
+KUSTOMIZATION = "kustomization.yaml"
+KUSTOMIZATION_FIELDS = frozenset({"apiVersion", "kind", "namespace", "labels", "resources", "patches", "images"})
+# Kubernetes' patchMergeKey of the lists clipflow's core objects hold; lists not named here are replaced.
+STRATEGIC_MERGE_KEYS = {"containers": "name", "initContainers": "name", "volumes": "name", "env": "name",
+                        "volumeMounts": "mountPath", "ports": "containerPort", "imagePullSecrets": "name"}
+CLUSTER_SCOPED = frozenset({"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
+                            "PersistentVolume", "StorageClass", "PriorityClass"})
+
+
+def build_kustomization(directory: str | Path) -> list[dict[str, Any]]:
+    """The objects `kustomize build DIRECTORY` emits, for the subset of kustomize described above."""
+    directory = Path(directory).resolve()
+    spec = _read_kustomization(directory)
+    docs: list[dict[str, Any]] = []
+    for entry in spec.get("resources", []):
+        path = (directory / entry).resolve()
+        if path.is_dir():
+            docs += build_kustomization(path)
+        else:
+            docs += [copy.deepcopy(d) for d in load_documents(_inside(path, directory, "resource"))]
+    ids = [_object_id(d) for d in docs]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise UserError(f"{directory / KUSTOMIZATION}: {' '.join(duplicates)} defined more than once")
+    for i, patch in enumerate(spec.get("patches", [])):
+        _apply_patch(docs, _patch_document(patch, directory, i), f"{directory / KUSTOMIZATION}: patches[{i}]")
+    if spec.get("namespace"):
+        for doc in docs:
+            _set_namespace(doc, spec["namespace"])
+    for label in spec.get("labels", []):
+        if set(label) - {"pairs"}:
+            raise UserError(f"{directory / KUSTOMIZATION}: labels {sorted(set(label) - {'pairs'})} are not "
+                            "supported by this build (only pairs on metadata.labels)")
+        for doc in docs:
+            doc.setdefault("metadata", {}).setdefault("labels", {}).update(label["pairs"])
+    for image in spec.get("images", []):
+        for doc in docs:
+            _set_images(doc, image)
+    return docs
+
+
+def kustomize_files(directory: str | Path) -> tuple[list[Path], list[Path]]:
+    """(resource files, patch files) the kustomization at ``directory`` reads, its bases' included."""
+    directory = Path(directory).resolve()
+    spec = _read_kustomization(directory)
+    resources_, patches = [], [directory / p["path"] for p in spec.get("patches", []) if "path" in p]
+    for entry in spec.get("resources", []):
+        path = (directory / entry).resolve()
+        if path.is_dir():
+            more_resources, more_patches = kustomize_files(path)
+            resources_ += more_resources
+            patches += more_patches
+        else:
+            resources_.append(path)
+    return resources_, [p.resolve() for p in patches]
+
+
+def _read_kustomization(directory: Path) -> dict[str, Any]:
+    path = directory / KUSTOMIZATION
+    if not path.is_file():
+        raise UserError(f"{directory}: no {KUSTOMIZATION}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(spec) - KUSTOMIZATION_FIELDS)
+    if unknown:
+        raise UserError(f"{path}: {unknown} not supported by this offline build (supported: "
+                        f"{sorted(KUSTOMIZATION_FIELDS)}); extend k8s_checks.build_kustomization first")
+    return spec
+
+
+def _inside(path: Path, directory: Path, what: str) -> Path:
+    """kustomize's load restrictor: a kustomization reads files only at or below its own directory."""
+    if not path.is_relative_to(directory):
+        raise UserError(f"{directory / KUSTOMIZATION}: {what} {path} is outside {directory} (kustomize refuses "
+                        "files outside the kustomization's root; list its directory's kustomization instead)")
+    if not path.is_file():
+        raise UserError(f"{directory / KUSTOMIZATION}: {what} {path} not found")
+    return path
+
+
+def _object_id(doc: dict[str, Any]) -> str:
+    meta = doc.get("metadata", {})
+    return f"{doc.get('kind')}/{meta.get('namespace', '~')}/{meta.get('name')}"
+
+
+def _patch_document(patch: dict[str, Any], directory: Path, index: int) -> dict[str, Any]:
+    where = f"{directory / KUSTOMIZATION}: patches[{index}]"
+    if set(patch) - {"path", "patch"} or len(patch) != 1:
+        raise UserError(f"{where}: give exactly one of path/patch (targets, options and JSON 6902 patches are "
+                        "not supported by this offline build)")
+    if "path" in patch:
+        text = _inside((directory / patch["path"]).resolve(), directory, "patch").read_text()
+    else:
+        text = patch["patch"]
+    doc = yaml.safe_load(text)
+    if not isinstance(doc, dict) or not doc.get("kind") or not doc.get("metadata", {}).get("name"):
+        raise UserError(f"{where}: a strategic-merge patch is one object with kind and metadata.name "
+                        "(JSON 6902 patches are not supported by this offline build)")
+    return doc
+
+
+def _apply_patch(docs: list[dict[str, Any]], patch: dict[str, Any], where: str) -> None:
+    name = patch["metadata"]["name"]
+    targets = [i for i, d in enumerate(docs) if d.get("kind") == patch["kind"]
+               and d.get("metadata", {}).get("name") == name]
+    if len(targets) != 1:
+        raise UserError(f"{where}: matches {len(targets)} objects ({patch['kind']}/{name}); it must match one")
+    core = not str(docs[targets[0]].get("apiVersion", "")).startswith("ray.io/")
+    docs[targets[0]] = _merge(docs[targets[0]], patch, core, where)
+
+
+def _merge(base: Any, patch: Any, core: bool, where: str, key: str = "") -> Any:
+    """Strategic merge of ``patch`` into ``base`` (both plain YAML data)."""
+    if isinstance(patch, dict) and isinstance(base, dict):
+        if any(k.startswith("$") for k in patch):
+            raise UserError(f"{where}: directives ({[k for k in patch if k.startswith('$')]}) are not supported "
+                            "by this offline build")
+        out = dict(base)
+        for k, v in patch.items():
+            if v is None:
+                out.pop(k, None)
+            else:
+                out[k] = _merge(base.get(k), v, core, where, k) if k in base else copy.deepcopy(v)
+        return out
+    merge_key = STRATEGIC_MERGE_KEYS.get(key) if core else None
+    if isinstance(patch, list) and isinstance(base, list) and merge_key:
+        out = [copy.deepcopy(item) for item in base]
+        for item in patch:
+            at = next((i for i, old in enumerate(out) if old.get(merge_key) == item.get(merge_key)), None)
+            if at is None:
+                out.append(copy.deepcopy(item))
+            else:
+                out[at] = _merge(out[at], item, core, where)
+        return out
+    return copy.deepcopy(patch)
+
+
+def _set_namespace(doc: dict[str, Any], namespace: str) -> None:
+    if doc.get("kind") not in CLUSTER_SCOPED:
+        doc.setdefault("metadata", {})["namespace"] = namespace
+    if doc.get("kind") in ("RoleBinding", "ClusterRoleBinding"):
+        for subject in doc.get("subjects", []):
+            if subject.get("kind") == "ServiceAccount":
+                subject["namespace"] = namespace
+
+
+def split_image(image: str) -> tuple[str, str, str]:
+    """(name, tag, digest) of an image reference: ``registry:5000/app:1.0@sha256:...`` -> the three parts."""
+    rest, _, digest = image.partition("@")
+    name, tag = rest, ""
+    if ":" in rest.rsplit("/", 1)[-1]:
+        name, tag = rest.rsplit(":", 1)
+    return name, tag, digest
+
+
+def _set_images(node: Any, image: dict[str, str]) -> None:
+    """kustomize's images transformer (legacy filter): every containers/initContainers entry, at any depth."""
+    if isinstance(node, list):
+        for value in node:
+            _set_images(value, image)
+        return
+    if not isinstance(node, dict):
+        return
+    for key in ("containers", "initContainers"):
+        for container in node.get(key) or []:
+            if isinstance(container, dict) and isinstance(container.get("image"), str):
+                name, tag, digest = split_image(container["image"])
+                if name != image["name"]:
+                    continue
+                new_name = image.get("newName", name)
+                if image.get("digest"):
+                    container["image"] = f"{new_name}@{image['digest']}"
+                elif image.get("newTag"):
+                    container["image"] = f"{new_name}:{image['newTag']}"
+                else:
+                    container["image"] = new_name + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
+    for value in node.values():
+        _set_images(value, image)
+
+
+# YAML under k8s/ that holds no Kubernetes object: the KubeRay operator's Helm values.
+OPERATOR_VALUES = "kuberay-operator-values.yaml"
+SECRET_TEMPLATES = "secrets/*.template.yaml"  # under k8s/: never applied, values created by hand (README)
+
+
+def kustomizations(root: Path | None = None) -> list[Path]:
+    """Every kustomization directory under k8s/ (k8s/ itself, base/, each overlay)."""
+    root = root or project_root()
+    return sorted(p.parent for p in (root / "k8s").rglob(KUSTOMIZATION))
+
+
+def overlays(root: Path | None = None) -> list[Path]:
+    """The deployable overlays, k8s/overlays/*/ (`kubectl apply -k k8s/overlays/NAME`)."""
+    root = root or project_root()
+    return sorted(p.parent for p in (root / "k8s" / "overlays").glob(f"*/{KUSTOMIZATION}"))
 
 
 def manifest_files(root: Path | None = None) -> list[Path]:
-    """Every Kubernetes object the checkout ships: ray_cluster.yaml and k8s/**.yaml but NOT_OBJECTS."""
+    """Every file of whole Kubernetes objects the checkout ships: ray_cluster.yaml, the resources of every
+    kustomization under k8s/ and the Secret templates (patches are partial objects: see build_kustomization)."""
     root = root or project_root()
-    return [root / "ray_cluster.yaml",
-            *sorted(p for p in (root / "k8s").rglob("*.yaml") if p.name not in NOT_OBJECTS)]
+    listed = {path for directory in kustomizations(root) for path in kustomize_files(directory)[0]}
+    return [root / "ray_cluster.yaml", *sorted(listed | set((root / "k8s").glob(SECRET_TEMPLATES)))]

@@ -144,7 +144,7 @@ class RayJobs:
                     f"log in again or renew the token (`kubectl -n {ns} create token clipflow-deployer`)")
         if exc.status == 403:
             return (f"not allowed to {verb} {what} (403 Forbidden): use credentials bound to the "
-                    f"clipflow-deployer Role of k8s/rbac.yaml (`kubectl -n {ns} create token clipflow-deployer`)")
+                    f"clipflow-deployer Role of k8s/base/rbac.yaml (`kubectl -n {ns} create token clipflow-deployer`)")
         if exc.status == 404 and name and _is_object_not_found(exc):
             return f"{what} not found: create the RayJobs with `kubectl apply -k k8s/` first"
         if exc.status == 404:
@@ -239,7 +239,7 @@ def run_stage(jobs: RayJobs, result: StageResult, poll: float, deadline: float |
         result.status, result.duration = ended, _duration(obj)
         return (f"RayJob {ns}/{name} already {ended} in an earlier run{_reason(obj)}; read its logs with "
                 f"`kubectl -n {ns} logs job/{name}`; to run it again, `kubectl -n {ns} delete rayjob {name}` "
-                f"and apply its manifest again (e.g. `kubectl apply -f k8s/rayjob-{result.stage}.yaml`)")
+                f"and apply it again (`kubectl apply -k k8s/`, or the file `clipflow k8s render` wrote)")
     if (obj.get("spec") or {}).get("suspend"):
         jobs.resume(name)
         _say(f"{name}: resumed")

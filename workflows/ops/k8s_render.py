@@ -5,7 +5,15 @@ The run config stays the single source of truth for a run: the worker range come
 ``k8s`` section, and the entrypoint is the very command a local user runs (``clipflow train --config ...``).
 The node shapes (pod sizes, GPUs per pod, node selectors) come from ``ray_cluster.yaml``, so a RayJob
 brings up the same cluster as ``kubectl apply -f ray_cluster.yaml`` with the GPU group sized for the run.
-The committed ``k8s/rayjob-*.yaml`` are this command's output (a test keeps them equal).
+The committed ``k8s/overlays/paper-vit-b32/ray*job-*.yaml`` are this command's output (a test keeps them equal).
+
+It writes whole RayJobs, not kustomize patches over a base: a RayJob embeds its cluster spec, KubeRay's
+kinds have no strategic-merge keys for kustomize (a patch to one worker group replaces the whole list) and
+JSON patches address groups by index, so a patch would restate the cluster anyway, or break silently when
+ray_cluster.yaml reorders its groups. One source (ray_cluster.yaml + the run config) and a test that the
+committed files equal the output keep the copies from drifting; an overlay's ``images:`` pins them.
+
+Each job's Ray containers log in to MLflow as the stage's identity (MLFLOW_IDENTITY, k8s/mlflow_users.py).
 """
 
 from __future__ import annotations
@@ -33,6 +41,10 @@ SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {
 # A retried RayJob brings up a fresh cluster; train resumes from its last checkpoint (same run key).
 BACKOFF_LIMIT = 2
 TTL_SECONDS_AFTER_FINISHED = 3600  # keep a finished cluster an hour for logs, then free the nodes
+# The Secret holding each stage's MLflow user (MLFLOW_TRACKING_USERNAME/PASSWORD); None: the stage never calls
+# MLflow, so its pods get no MLflow credentials. ray_cluster.yaml carries the train identity.
+MLFLOW_IDENTITY = {"preprocess": None, "train": "clipflow-mlflow-train", "eval": "clipflow-mlflow-eval"}
+MLFLOW_CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,6 +178,7 @@ def cluster_spec(cfg: Config, stage: str, cluster_path: str | Path) -> dict[str,
     for group in [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]:
         for container in group["template"]["spec"]["containers"]:
             container["image"] = cfg.k8s.image
+            container["env"] = mlflow_identity_env(container.get("env", []), MLFLOW_IDENTITY[stage])
     gpu_groups = [g for g in spec.get("workerGroupSpecs", []) if gpus_of(g)]
     needed = {"train": (cfg.scaling.min_workers, cfg.scaling.max_workers),
               "eval": (0, cfg.eval.num_actors), "preprocess": None}[stage]
@@ -182,6 +195,16 @@ def cluster_spec(cfg: Config, stage: str, cluster_path: str | Path) -> dict[str,
     return spec
 
 
+def mlflow_identity_env(env: list[dict[str, Any]], secret: str | None) -> list[dict[str, Any]]:
+    """``env`` with the MLflow credentials read from ``secret`` (by secretKeyRef; where ray_cluster.yaml has
+    them, else at the end), or without them (None)."""
+    refs = {name: {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": name}}}
+            for name in MLFLOW_CREDENTIAL_ENV} if secret else {}
+    out = [refs.pop(var["name"], None) if var.get("name") in MLFLOW_CREDENTIAL_ENV else copy.deepcopy(var)
+           for var in env]
+    return [var for var in out if var is not None] + list(refs.values())
+
+
 def active_deadline(cfg: Config) -> int | None:
     """``k8s.active_deadline_seconds`` as the RayJob's activeDeadlineSeconds (None = no deadline): a hung
     job then fails and gives its GPU nodes back instead of holding them forever."""
@@ -194,7 +217,7 @@ def active_deadline(cfg: Config) -> int | None:
 def _submitter_template(cfg: Config) -> dict[str, Any]:
     """The pod that runs `ray job submit` (KubeRay fills in its command and the cluster's auth token); small,
     non-root, no API access, labelled for its NetworkPolicy."""
-    # SUBMITTER_LABELS: k8s/networkpolicies.yaml lets it reach the head's Jobs API (8265), nothing else.
+    # SUBMITTER_LABELS: k8s/base/networkpolicies.yaml lets it reach the head's Jobs API (8265), nothing else.
     return {"metadata": {"labels": {"app.kubernetes.io/name": "clipflow", **SUBMITTER_LABELS}}, "spec": {
         "restartPolicy": "Never",
         "serviceAccountName": "clipflow",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import secrets
 import shlex
 import sys
@@ -31,6 +32,12 @@ SUBMITTABLE = ("sample-data", "preprocess", "train", "eval")
 EXCLUDES = [".venv", ".clipflow", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", "build", "dist"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 PATHS_ARE_REMOTE = True  # the job loads the config on the cluster, where its relative paths resolve
+# A job's runtime_env (env_vars included) is shown by the dashboard, `ray job status` and the state API to
+# anyone who can reach the cluster, so credentials never go there: the pods get theirs from Kubernetes
+# Secrets (secretKeyRef in ray_cluster.yaml), and S3 clients find them through the credential chain.
+SECRET_NAME = re.compile(r"(^|_)(SECRET|PASSWORD|PASSWD|PASSPHRASE|TOKEN|CREDENTIALS?|PRIVATE_KEY|API_KEY|"
+                         r"ACCESS_KEY(_ID)?|SESSION_KEY)($|_)", re.IGNORECASE)
+SECRET_IN_URI = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@\s]*:[^/@\s]+@", re.IGNORECASE)  # scheme://user:password@
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +78,7 @@ def build_request(cfg: Config, args: argparse.Namespace) -> JobRequest:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"--env expects KEY=VALUE, got {item!r}")
+        refuse_credential(key, value)
         env_vars[key] = value
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = "".join(c if c.isalnum() else "-" for c in cfg.name.lower())
@@ -80,6 +88,14 @@ def build_request(cfg: Config, args: argparse.Namespace) -> JobRequest:
         submission_id=args.submission_id or f"clipflow-{run}-{args.stage}-{stamp}-{secrets.token_hex(2)}",
         metadata={"clipflow.stage": args.stage, "clipflow.run": cfg.name, "clipflow.config": config or ""},
     )
+
+
+def refuse_credential(key: str, value: str) -> None:
+    """A credential-looking --env is refused before anything is sent: the job's env is no place for it."""
+    if SECRET_NAME.search(key) or SECRET_IN_URI.match(value):
+        raise UserError(f"--env {key}: looks like a credential, and a job's environment is shown to anyone who "
+                        "can reach the cluster's dashboard or state API; put it in a Kubernetes Secret the Ray "
+                        "pods read (secretKeyRef, as ray_cluster.yaml does for S3 and MLflow) instead")
 
 
 def _eval_args(args: argparse.Namespace) -> list[str]:

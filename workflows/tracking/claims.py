@@ -11,7 +11,9 @@ that are expired or marked ``outcome=lost|released|skipped``; the lowest remaini
 participant computes the same winner: a later claimant sees the winner's claim (lower number, already
 visible), and the winner cannot be overtaken by a claim created after its own. Losers mark their claim
 ``lost`` and move on. A claimant that dies stops renewing its lease; once ``lease_expiry`` has passed its
-claim is ignored and the next claimant wins (leases assume clocks agree to well within the lease).
+claim is ignored and the next claimant wins (leases assume clocks agree to well within the lease). So a
+lease is renewed on a timer while the work runs (``kept_alive``), and never once it has run out:
+renewing an expired claim would revive it over a job that has claimed the target since.
 The lock model doubles as an audit log of who evaluated what, visible in the MLflow UI.
 
 What a claim protects is the caller's business: ``workflows.tracking.registry`` claims versions for
@@ -23,14 +25,24 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import threading
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
+from workflows.common.log import get_logger
+
 CLAIMS_SUFFIX = "-eval-claims"
+log = get_logger(__name__)
+
+
+class LeaseLost(Exception):
+    """The lease ran out before it was renewed: another job may hold the target now."""
 
 
 def now_utc() -> datetime.datetime:
@@ -71,14 +83,19 @@ class Claim:
     number: str
     claimant: str
     lease_seconds: float
+    expiry: str  # of the lease as last written
 
     @property
     def lock_model(self) -> str:
         return self.name + CLAIMS_SUFFIX
 
     def renew(self) -> str:
+        """Extend the lease; ``LeaseLost`` once it has run out (see the module docstring)."""
+        if lease_expired(self.expiry):
+            raise LeaseLost(f"the lease of {self.claimant} on {self.name} {self.target} ran out at {self.expiry}")
         expiry = lease_until(self.lease_seconds)
         self.client.set_model_version_tag(self.lock_model, self.number, "lease_expiry", expiry)
+        self.expiry = expiry
         return expiry
 
     def held(self) -> bool:
@@ -94,7 +111,8 @@ def _winner(client: MlflowClient, lock_model: str, target: str) -> str | None:
     """The lowest-numbered live claim on ``target`` (None when there is none)."""
     live = [int(mv.version)
             for mv in client.search_model_versions(f"name='{lock_model}' and tags.target_version='{target}'")
-            if mv.tags.get("outcome") not in ("lost", "released", "skipped") and not lease_expired(mv.tags.get("lease_expiry"))]
+            if mv.tags.get("outcome") not in ("lost", "released", "skipped")
+            and not lease_expired(mv.tags.get("lease_expiry"))]
     return str(min(live)) if live else None
 
 
@@ -104,12 +122,39 @@ def try_claim(client: MlflowClient, name: str, target: str, source_version: str,
     lock_model = name + CLAIMS_SUFFIX
     ensure_registered_model(client, lock_model, f"Claim records of `clipflow eval` jobs on {name!r} versions "
                                                 f"(one version per attempt; see workflows/tracking/claims.py).")
+    expiry = lease_until(lease_seconds)
     mv = client.create_model_version(
         lock_model, source=f"models:/{name}/{source_version}",
-        tags={"target_version": target, "claimant": claimant, "lease_expiry": lease_until(lease_seconds)},
+        tags={"target_version": target, "claimant": claimant, "lease_expiry": expiry},
         description=f"claim on {target} by {claimant}", await_creation_for=0)
     if _winner(client, lock_model, target) != mv.version:
         client.set_model_version_tag(lock_model, mv.version, "outcome", "lost")
         return None
     client.set_model_version_tag(lock_model, mv.version, "outcome", "won")
-    return Claim(client, name, target, mv.version, claimant, lease_seconds)
+    return Claim(client, name, target, mv.version, claimant, lease_seconds, expiry)
+
+
+@contextmanager
+def kept_alive(renew: Callable[[], object], every: float) -> Iterator[threading.Event]:
+    """Call ``renew`` every ``every`` seconds while the block runs; the event is set (and renewing stops)
+    when the lease was lost. A failed call (the server unreachable) is retried at the next tick."""
+    lost, stop = threading.Event(), threading.Event()
+
+    def keep() -> None:
+        while not stop.wait(every):
+            try:
+                renew()
+            except LeaseLost as exc:
+                log.warning("%s; the result will not be recorded", exc)
+                lost.set()
+                return
+            except (MlflowException, OSError) as exc:
+                log.warning("could not renew the lease (%s); trying again in %.0f s", exc, every)
+
+    thread = threading.Thread(target=keep, name="clipflow-lease", daemon=True)
+    thread.start()
+    try:
+        yield lost
+    finally:
+        stop.set()
+        thread.join()

@@ -83,7 +83,8 @@ class ClipPyfunc(mlflow.pyfunc.PythonModel):
             for row, f in zip(image_rows, features.tolist()):
                 embeddings[row] = f
         if text_rows:
-            for row, f in zip(text_rows, embed_texts(self.model, self.tokenizer, [texts[i] for i in text_rows]).tolist()):
+            features = embed_texts(self.model, self.tokenizer, [texts[i] for i in text_rows])
+            for row, f in zip(text_rows, features.tolist()):
                 embeddings[row] = f
         out = pd.DataFrame({"embedding": embeddings})
         if labels:

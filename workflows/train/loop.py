@@ -19,14 +19,15 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Protocol
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 import torch.distributed as dist
 
-from clip_core import (ClipLoss, SigLipLoss, Tokenizer, create_model, load_checkpoint, model_flops_per_sample,
-                       resized_crops, save_checkpoint)
-from clip_core.model import CLIP
+from clip_core import (ClipLoss, SigLipLoss, Tokenizer, create_model, load_checkpoint, load_pretrained,
+                       model_flops_per_sample, resized_crops, save_checkpoint)
+from clip_core.model import CLIP, get_model_config
 from workflows.artifacts import TrainerState
 from workflows.common import storage
 from workflows.common.config import Config
@@ -58,9 +59,16 @@ class RunLog(Protocol):
     def close(self, status: str = "FINISHED") -> None: ...
 
 
-# (setup, world size) -> the run's log, opened on rank 0 of every worker group; picklable (it travels to
-# the workers) and built on the driver.
-RunLogFactory = Callable[["RunSetup", int], RunLog]
+class RunLogFactory(Protocol):
+    """Opens the run's log on rank 0 of every worker group; picklable (it travels to the workers) and built
+    on the driver, which ends the run with it: the driver also sees the failures rank 0 never does (a
+    killed worker group, Ctrl-C)."""
+
+    def __call__(self, setup: "RunSetup", world_size: int) -> RunLog: ...
+
+    def end(self, setup: "RunSetup", status: str) -> str:
+        """End the run as ``status`` (FINISHED, FAILED, KILLED) unless rank 0 did; returns its id ("" if none)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -80,18 +88,34 @@ class RunSetup:
     run_log: RunLogFactory | None = None  # None: no tracking (benchmarks, tests of the loop alone)
 
 
-def build_model(cfg: Config, setup: RunSetup) -> CLIP:
-    siglip = cfg.train.loss == "siglip"
+def build_model(cfg: Config, setup: RunSetup, device: str | None = None) -> CLIP:
+    """The run's model with random weights and its towers locked as configured (``model.pretrained`` is
+    loaded into it later, on a fresh run only: ``read_pretrained``). ``device="meta"``: the structure alone,
+    for the driver's checks."""
+    siglip, m = cfg.train.loss == "siglip", cfg.model
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     extra = {"init_logit_scale": SIGLIP_INIT_LOGIT_SCALE, "init_logit_bias": SIGLIP_INIT_LOGIT_BIAS} if siglip else {}
-    model = create_model(cfg.model.name, vocab_size=setup.tokenizer.vocab_size, context_length=setup.context_length,
-                         image_size=setup.image_size, patch_dropout=cfg.model.patch_dropout,
-                         grad_checkpointing=cfg.model.grad_checkpointing, **extra)
-    if cfg.model.freeze_image:
-        model.freeze_image()
-    if cfg.model.freeze_text:
-        model.freeze_text()
+    model = create_model(m.name, device, vocab_size=setup.tokenizer.vocab_size, context_length=setup.context_length,
+                         image_size=setup.image_size, patch_dropout=m.patch_dropout,
+                         grad_checkpointing=m.grad_checkpointing, **extra)
+    if m.lock_image:
+        model.lock_image_tower(m.lock_image_unlocked_groups, m.lock_image_freeze_bn_stats)
+    if m.lock_text:
+        model.lock_text_tower(m.lock_text_unlocked_groups)
     return model
+
+
+def read_pretrained(cfg: Config) -> CLIP:
+    """``model.pretrained`` (a clipflow checkpoint directory or an OpenAI/OpenCLIP weights file, local or
+    ``s3://``) as a CPU model whose architecture is read from the file, with model.name's activation
+    (weights files cannot show it; checkpoints and archives that record another are refused)."""
+    uri, endpoint = cfg.model.pretrained, cfg.storage.s3_endpoint
+    with tempfile.TemporaryDirectory(prefix="clipflow-pretrained-") as tmp:
+        local = uri
+        if storage.is_s3(uri):
+            local = (str(storage.download_tree(uri, Path(tmp), endpoint)) if storage.is_dir(uri, endpoint)
+                     else storage.local_copy(uri, tmp, endpoint))
+        return load_pretrained(local, quick_gelu=get_model_config(cfg.model.name).quick_gelu)
 
 
 def make_loss(cfg: Config, model: CLIP):
@@ -158,15 +182,15 @@ def _all_rng_states(device: torch.device) -> list[dict[str, Any]]:
 @contextlib.contextmanager
 def _run_log(setup: RunSetup, rank: int, world_size: int) -> Iterator[RunLog | None]:
     """Rank 0's run log (the same run again after a restart: keyed by the run name), ended FAILED if
-    this worker's loop raises."""
+    this worker's loop raises (KILLED on KeyboardInterrupt)."""
     if rank != 0 or setup.run_log is None:
         yield None
         return
     tracker = setup.run_log(setup, world_size)
     try:
         yield tracker
-    except BaseException:
-        tracker.close(status="FAILED")
+    except BaseException as exc:
+        tracker.close(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracker.close()
 
@@ -243,6 +267,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     raw = build_model(cfg, setup)
     trainer_state, training_state = restore(raw, cfg)
+    if training_state is None and rank == 0 and cfg.model.pretrained:  # DDP broadcasts rank 0's weights
+        raw.load_state_dict(read_pretrained(cfg).state_dict())
     channels_last = cfg.model.channels_last and use_channels_last(raw)  # before DDP registers the parameters
     model = ray.train.torch.prepare_model(raw)  # to device + DDP when world > 1
     optimizer = build_optimizer(raw, cfg.train)
@@ -312,6 +338,9 @@ def zero_shot(raw: CLIP, tokenizer: Tokenizer, cfg: Config, device: torch.device
                                                    if k.endswith("acc1")))
 
 
+CHECKPOINT_PREFIX = "checkpoint_"  # + the step: the run's checkpoint directories under its storage path
+
+
 def report_checkpoint(cfg: Config, setup: RunSetup, raw: CLIP, states: dict[str, Any], tracker: RunLog | None, *,
                       rank: int, world: int, step: int, epoch: int, loss: float, samples_per_second: float) -> None:
     """Every rank reports (Ray Train requires it); rank 0 writes the clip_core checkpoint, Ray uploads it
@@ -322,7 +351,7 @@ def report_checkpoint(cfg: Config, setup: RunSetup, raw: CLIP, states: dict[str,
 
     order, final = setup.order, step == setup.total_steps
     samples_seen = step * cfg.train.global_batch_size
-    name = f"checkpoint_{step:08d}"
+    name = f"{CHECKPOINT_PREFIX}{step:08d}"
     metrics = {"step": step, "samples_seen": samples_seen, "loss": loss, "samples_per_second": samples_per_second,
                "mlflow_run_id": tracker.run_id if tracker else "", "world_size": world}
     checkpoint = None

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from clip_core import normalize
+from clip_core import lock, normalize
 from clip_core.model import CLIP
 from workflows.common.config import TrainConfig
 from workflows.train.accumulation import LossFn, accumulate_gradients
@@ -28,19 +28,42 @@ def exclude_from_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or any(part in name for part in NO_DECAY_NAMES)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weight matrices, and everything else with weight_decay 0."""
-    decay, no_decay = [], []
+def param_groups(model: CLIP, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups of the trainable parameters: decayed weight matrices, and everything else with
+    weight_decay 0. Each group's ``lr_scale`` (timm's name) multiplies the base lr.
+
+    ``layer_decay`` < 1 (layer-wise lr decay, as BEiT and FLIP fine-tune): within each tower, the
+    parameters of layer group d (``clip_core.lock``: 0 = embeddings ... num_layers + 1 = projection) get
+    lr x layer_decay ** (num_layers + 1 - d), so the layers nearest the input, which pretraining made
+    most general, move least; logit_scale and logit_bias get the full lr. 1.0 keeps the two groups.
+    Groups come in decreasing lr_scale, so the first one's lr is the schedule's (what the loop logs).
+    """
+    scales = lr_scales(model, layer_decay) if layer_decay != 1.0 else {}
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if exclude_from_decay(name, param) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((scales.get(id(param), 1.0), not exclude_from_decay(name, param)), []).append(param)
+    if layer_decay == 1.0:  # both groups, even an empty one: the layout of existing checkpoints' optimizer states
+        return [{"params": groups.get((1.0, decayed), []), "weight_decay": weight_decay if decayed else 0.0,
+                 "lr_scale": 1.0} for decayed in (True, False)]
+    return [{"params": params, "weight_decay": weight_decay if decayed else 0.0, "lr_scale": scale}
+            for (scale, decayed), params in sorted(groups.items(), key=lambda item: (-item[0][0], not item[0][1]))]
 
 
-def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+def lr_scales(model: CLIP, layer_decay: float) -> dict[int, float]:
+    """id(parameter) -> its layer-wise lr multiplier, for every parameter of both towers."""
+    scales = {}
+    for groups in (model.image_layer_groups(), model.text_layer_groups()):
+        top = len(groups) - 1  # num_layers + 1: the projection's group
+        for depth, group in enumerate(groups):
+            scales.update((id(p), layer_decay ** (top - depth)) for p in lock.parameters(group))
+    return scales
+
+
+def build_optimizer(model: CLIP, train: TrainConfig) -> torch.optim.AdamW:
     fused = next(model.parameters()).is_cuda  # the fused kernel is the fast path on GPU only
-    return torch.optim.AdamW(param_groups(model, train.weight_decay), lr=train.lr,
-                             betas=(train.beta1, train.beta2), eps=train.eps, fused=fused)
+    groups = [{**g, "lr": train.lr * g["lr_scale"]} for g in param_groups(model, train.weight_decay, train.layer_decay)]
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.eps, fused=fused)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
