@@ -26,11 +26,12 @@ from mlflow.exceptions import MlflowException
 
 from clip_core import load_checkpoint
 from workflows.common.config import load_config
+from workflows.common.errors import UserError
 from workflows.common.runtime import free_port
 from workflows.ops.k8s_checks import load_documents
 from workflows.ops.local_mlflow import stop_process_group, wait_http
 from workflows.tracking import registry
-from workflows.tracking.client import Tracker, get_or_create_experiment
+from workflows.tracking.client import Tracker, TrainingTracking, get_or_create_experiment
 
 from mlflow_helpers import make_checkpoint, train_tokenizer, unique_name
 
@@ -150,6 +151,19 @@ def test_anonymous_and_wrong_credentials_are_refused(server: AuthServer) -> None
                         timeout=30).status_code == 401
     assert requests.get(search, params={"max_results": 1}, auth=server.users["eval"], timeout=30).status_code == 200
     assert requests.get(f"{server.uri}/health", timeout=30).status_code == 200  # the kubelet's probes need no login
+
+
+def test_training_with_refused_credentials_stops_before_any_worker(server: AuthServer, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wrong or missing password never heals, unlike an outage: one line on the driver, not a run that
+    buffers its metrics forever under an "unreachable" warning."""
+    cfg = load_config(None, [f"home={tmp_path}", f"mlflow.tracking_uri={server.uri}"])
+    monkeypatch.setenv(CREDENTIAL_ENV[0], server.users["train"][0])
+    monkeypatch.setenv(CREDENTIAL_ENV[1], "wrong")
+    with pytest.raises(UserError, match=r"refused the credentials \(HTTP 401\).*MLFLOW_TRACKING_PASSWORD"):
+        TrainingTracking.for_config(cfg)
+    server.login(monkeypatch, "train")
+    assert TrainingTracking.for_config(cfg).cfg.mlflow.tracking_uri == server.uri
 
 
 def test_train_identity_tracks_and_registers_with_credentials_from_the_environment(

@@ -169,6 +169,25 @@ def ray_cluster_tags() -> dict[str, str]:
 # ---- resilient calls ---------------------------------------------------------------------------------
 
 
+def check_credentials(uri: str) -> None:
+    """One ``UserError`` when the server answers but refuses these credentials (HTTP 401/403): an outage
+    heals by itself, so training buffers through it, but a wrong or missing password never does. A server
+    that does not answer passes (training goes on; the outage is buffered and spooled)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    set_env_defaults("tracking")  # one short try, not MLflow's minutes of retries
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as exc:
+        code = exc.get_http_status_code()
+        if code in (401, 403):
+            raise UserError(f"MLflow at {scrub_uri(uri)} refused the credentials (HTTP {code}); set "
+                            f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (on Kubernetes: the "
+                            f"clipflow-mlflow-train Secret)") from exc
+    except (requests.RequestException, OSError):
+        pass
+
+
 class Resilient:
     """Runs MLflow calls through outages: one warning when the server goes away, exponential backoff between
     tries, one line when it is back (then ``on_recovery``)."""
@@ -670,7 +689,10 @@ class TrainingTracking:
 
     @classmethod
     def for_config(cls, cfg: Config) -> "TrainingTracking":
-        return cls(replace(cfg, mlflow=replace(cfg.mlflow, tracking_uri=tracking_uri(cfg))))
+        """Resolved on the driver; a server that refuses the credentials is refused here, before any worker."""
+        cfg = replace(cfg, mlflow=replace(cfg.mlflow, tracking_uri=tracking_uri(cfg)))
+        check_credentials(cfg.mlflow.tracking_uri)
+        return cls(cfg)
 
     def __call__(self, setup: Any, world_size: int) -> Tracker:
         """``setup`` is the training's ``RunSetup`` (run name, data manifest hash)."""
