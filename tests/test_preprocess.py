@@ -397,8 +397,7 @@ def test_the_dedup_shuffle_keeps_the_first_copy_in_canonical_order(tmp_path: Pat
         parts.append((uri, status))
     for m, p in [(1, 1), (2, 2), (3, 5), (4, 16)]:
         work = str(tmp_path / f"work-{m}-{p}")
-        outcomes, groups = find_duplicates([u for u, _ in parts], work, "", dedup=True, samples=28,
-                                           map_tasks=m, partitions=p)
+        outcomes, groups = find_duplicates([u for u, _ in parts], work, "", dedup=True, tasks=(m, p))
         assert len(groups) == min(m, 4)
         for index, ((_, status), want) in enumerate(zip(parts, expected)):
             owner = next(g for g, r in enumerate(groups) if index in r)

@@ -70,16 +70,16 @@ def groups(parts: int, m: int) -> list[range]:
     return [range(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def find_duplicates(part_uris: list[str], work: str, endpoint: str, *, dedup: bool, samples: int,
-                    map_tasks: int = 0, partitions: int = 0) -> tuple[list[PartOutcome], list[range]]:
+def find_duplicates(part_uris: list[str], work: str, endpoint: str, *, dedup: bool,
+                    tasks: tuple[int, int]) -> tuple[list[PartOutcome], list[range]]:
     """Every part's outcome counts, and the part groups whose drop lists (``drops_uri``) the shuffle wrote.
 
-    ``samples`` (the parts' row count, known from stage 1) sizes P; with ``dedup=False`` only the
-    counts are gathered and no file is written.
+    ``tasks`` is (M, P), as ``task_counts`` sizes them; with ``dedup=False`` only the counts are
+    gathered and no file is written.
     """
     import ray
 
-    m, p = task_counts(len(part_uris), samples, map_tasks, partitions)
+    m, p = tasks
     part_groups = groups(len(part_uris), m)
     shuffle = storage.join(work, SHUFFLE_DIR)
     mapped = [ray.remote(_bucket_digests).remote(i, g, [part_uris[j] for j in g], shuffle, endpoint,

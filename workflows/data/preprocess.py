@@ -123,9 +123,8 @@ def run_preprocess(cfg: Config, *, force: bool = False,
     parts_reused, part_rows = _build_parts(cfg, sources, tokenizer, endpoint, work)
     process_seconds = clock.done("parts")
     part_uris = [storage.join(work, PART_NAME.format(i)) for i in range(len(sources))]
-    outcomes, groups = dedup.find_duplicates(
-        part_uris, work, endpoint, dedup=pre.dedup != "none", samples=sum(part_rows),
-        map_tasks=pre.dedup_map_tasks, partitions=pre.dedup_partitions)
+    dedup_tasks = dedup.task_counts(len(sources), sum(part_rows), pre.dedup_map_tasks, pre.dedup_partitions)
+    outcomes, groups = dedup.find_duplicates(part_uris, work, endpoint, dedup=pre.dedup != "none", tasks=dedup_tasks)
     clock.done("dedup")
     metadata = {"clipflow.tokenizer": tokenizer.id, "clipflow.image_size": str(pre.image_size),
                 "clipflow.context_length": str(cfg.tokenizer.context_length)}
@@ -152,7 +151,7 @@ def run_preprocess(cfg: Config, *, force: bool = False,
         process_seconds=process_seconds,
         samples_per_second=round(counts["input"] / max(process_seconds, 1e-9), 1),
         parts_reused=parts_reused, shards_reused=shards_reused,
-        dedup_tasks=dedup.task_counts(len(sources), sum(part_rows), pre.dedup_map_tasks, pre.dedup_partitions),
+        dedup_tasks=dedup_tasks,
         stage_seconds=clock.seconds)
 
 
