@@ -7,7 +7,10 @@
     trainer_state.json   optional: step, samples_seen, epoch, data position, ...
     checkpoint.json      format version, creation time, sha256 of every other file
 
-It is written into a temporary sibling directory and renamed into place, so a reader never sees a
+``export_weights`` writes the weights-only form (the first three files and checkpoint.json): what a
+registry version, serving and eval need.
+
+A checkpoint is written into a temporary sibling directory and renamed into place, so a reader never sees a
 half-written checkpoint, and the hashes catch anything damaged later (partial copies, bit rot).
 
 No file is unpickled with code: the weights are safetensors, the training state is read with
@@ -31,7 +34,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import safetensors
@@ -87,12 +90,8 @@ def save_checkpoint(directory: str | Path, model: CLIP, tokenizer: Tokenizer, *,
     what loads back without unpickling code. Anything else is a TypeError before anything is written.
     """
     encoded = None if training_state is None else _encode(training_state, "training_state")
-    target = Path(directory).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(target)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+
+    def fill(tmp: Path) -> None:
         # contiguous: safetensors stores row-major tensors (a channels_last ResNet's are not)
         safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / MODEL_FILE)
         _write_json(tmp / CONFIG_FILE, model.config.to_dict())
@@ -101,12 +100,57 @@ def save_checkpoint(directory: str | Path, model: CLIP, tokenizer: Tokenizer, *,
             torch.save(encoded, tmp / TRAINING_STATE_FILE)
         if trainer_state is not None:
             _write_json(tmp / TRAINER_STATE_FILE, trainer_state)
+
+    return _write_atomically(directory, tokenizer.id, fill)
+
+
+def export_weights(src: str | Path, dest: str | Path) -> Path:
+    """Write the weights-only part of the checkpoint at ``src`` to ``dest``, atomically; returns its path.
+
+    What serving and evaluation read (weights, config, tokenizer) under a new checkpoint.json, without the
+    training state (AdamW's two moments: twice the weights) or the trainer state, so a registry version does
+    not carry them into every download. The files are copied, not rebuilt, after ``src`` verifies, and must
+    still match its hashes. ``load_checkpoint`` reads the export (``load_training_state`` is None); a trainer
+    refuses it as a resume point, and it initialises fine-tuning as any checkpoint does.
+    """
+    source, target = Path(src).absolute(), Path(dest).absolute()
+    if source == target:
+        raise CheckpointError(f"cannot export {source} onto itself: that would drop its training state; "
+                              f"export to another directory")
+    files = _verified_files(source)
+    _, tokenizer = _config_and_tokenizer(source)
+    wanted = {name: digest for name, digest in files.items()
+              if name in (MODEL_FILE, CONFIG_FILE) or name.startswith(f"{TOKENIZER_DIR}/")}
+
+    def fill(tmp: Path) -> None:
+        for name in wanted:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / name, tmp / name)
+
+    return _write_atomically(target, tokenizer.id, fill, expected=wanted)
+
+
+def _write_atomically(directory: str | Path, tokenizer_id: str, fill: Callable[[Path], None],
+                      expected: dict[str, str] | None = None) -> Path:
+    """Let ``fill`` write a checkpoint's files into a temporary sibling of ``directory``, list them with their
+    hashes in checkpoint.json, and rename it into place. ``expected``: the hashes the files must have (a copy)."""
+    target = Path(directory).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(target)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        fill(tmp)
         files = {path.relative_to(tmp).as_posix(): _sha256_and_sync(path)
                  for path in sorted(tmp.rglob("*")) if path.is_file()}
+        if expected is not None and files != expected:
+            changed = sorted(set(files) ^ set(expected) | {n for n in files if expected.get(n) != files[n]})
+            raise CheckpointError(f"{', '.join(changed)} changed while they were copied to {target}; the source "
+                                  f"is being rewritten: try again once it is complete")
         _write_json(tmp / MANIFEST, {
             "format_version": FORMAT_VERSION,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "tokenizer_id": tokenizer.id,
+            "tokenizer_id": tokenizer_id,
             "files": files,
         })
         _sha256_and_sync(tmp / MANIFEST)

@@ -6,9 +6,10 @@ the Job `mlflow-users` (k8s/base/mlflow.yaml) runs this with the admin's credent
 - ``clipflow-train`` (RayJobs of `clipflow train`): EDIT on every experiment and registered model: it opens
   runs, logs metrics and artifacts, registers versions, also in experiments and models another identity
   created. (MLflow makes a creator the manager of what it creates, so it may delete its own.)
-- ``clipflow-eval`` (`clipflow eval`): EDIT on registered models only (claims, eval_status tags, aliases);
-  it creates its own ``<experiment>-eval`` experiment (MLflow makes the creator its manager) and reads the
-  training runs through ``default_permission = READ``, so it cannot rewrite a training run's metrics.
+- ``clipflow-eval`` (`clipflow eval`): EDIT on registered models (claims, eval_status tags, aliases) and on
+  logged models (the eval results are metrics on the version's logged model); it creates its own
+  ``<experiment>-eval`` experiment (MLflow makes the creator its manager) and reads the training runs through
+  ``default_permission = READ``, so it cannot rewrite a training run's metrics.
 
 Both are roles of MLflow's ``default`` workspace (the one every resource lives in while workspaces are off),
 granted on the wildcard ``*`` so models registered later are covered too. Environment: the admin's
@@ -29,7 +30,7 @@ WORKSPACE = "default"  # where grants live while MLflow workspaces are disabled 
 # identity -> (role name, [(resource type, permission)]), each granted on every resource ("*").
 IDENTITIES: dict[str, tuple[str, list[tuple[str, str]]]] = {
     "TRAIN": ("clipflow-train", [("experiment", "EDIT"), ("registered_model", "EDIT")]),
-    "EVAL": ("clipflow-eval", [("registered_model", "EDIT")]),
+    "EVAL": ("clipflow-eval", [("registered_model", "EDIT"), ("logged_model", "EDIT")]),
 }
 
 

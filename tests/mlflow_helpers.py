@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from clip_core import Tokenizer, create_model, load_templates, save_checkpoint
+from workflows.artifacts import DataManifest
 from workflows.common.config import Config, load_config
 from workflows.tracking import registry
 
@@ -36,6 +37,17 @@ def make_checkpoint(directory: Path, tokenizer: Tokenizer, seed: int, step: int)
     torch.manual_seed(seed)
     model = create_model("tiny-vit", vocab_size=tokenizer.vocab_size, context_length=16)
     return save_checkpoint(directory, model, tokenizer, trainer_state={"step": step, "samples_seen": step * 8})
+
+
+def tracking_home(root: Path, tokenizer: Tokenizer) -> Path:
+    """A home with a training-data manifest and its tokenizer, as `clipflow preprocess` leaves them (no shards:
+    enough for the tracker, which records the data's tokenizer and hash)."""
+    data = root / "data" / "train"
+    manifest = DataManifest(shards=[], tokenizer=tokenizer.id, context_length=16, image_size=32, content_hash="abc123",
+                            counts={"input": 3, "written": 3, "duplicates": 0, "rejected": {}})
+    tokenizer.save(data / manifest.tokenizer_path)
+    manifest.write(str(data))
+    return root
 
 
 def jpeg(color: tuple[int, int, int], size: int = 40, noise: int = 0) -> bytes:

@@ -3,6 +3,9 @@
 Used by the submit tests (the Job Submission API on its dashboard) and the demo test (a stage command
 run beside a `ray start` cluster attaches to it). `ray stop` would kill every Ray instance on the
 machine, the suite's own runtime included, so only the processes under this head's temp dir are stopped.
+
+``ray_cluster`` is a head plus worker nodes, each its own raylet and temp dir, for the multi-node test
+(``test_multinode.py``: a node killed and started again).
 """
 
 from __future__ import annotations
@@ -81,21 +84,105 @@ def ray_head(num_cpus: int) -> Iterator[RayHead]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def stop_ray_under(tmp: Path) -> None:
-    """Stop the Ray processes of this head only: those whose command line names its temp dir."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if str(tmp) in cmdline and int(proc.name) != os.getpid():
-                pids.append(int(proc.name))
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def stop_ray_under(tmp: Path, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGKILL)) -> list[int]:
+    """Stop the Ray processes under this temp dir only; returns their PIDs. ``signals=(SIGKILL,)`` is a node lost at
+    once (power, kernel): nothing under it gets to clean up."""
+    pids = ray_processes_under(tmp)
+    for sig in signals:
         for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         time.sleep(1)
+    return pids
+
+
+def ray_processes_under(tmp: Path) -> list[int]:
+    """The processes whose command line names ``tmp`` (GCS, raylet, dashboard, log monitor) and their descendants:
+    the agents and workers a raylet starts rename themselves (``ray::DashboardAgent``, ``ray::TrainWorker``)."""
+    children: dict[int, list[int]] = {}
+    named = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            parent = int((proc / "stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(proc.name))
+        if str(tmp) in cmdline:
+            named.append(int(proc.name))
+    found, todo = set(named), list(named)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found and child != os.getpid():
+                found.add(child)
+                todo.append(child)
+    return sorted(found)
+
+
+# Ports `ray start` would otherwise take at their defaults, which another Ray runtime on this machine (the suite's
+# own) already holds: every node gets free ones.
+NODE_PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                   "metrics-export-port")
+
+
+@dataclass
+class RayCluster:
+    """Nodes of one cluster on loopback: ``env`` attaches a driver (``RAY_ADDRESS``, the token file); each node
+    has its own temp dir, so one can be killed (``kill_node``) and started again (``start_node``) alone."""
+
+    tmp: Path
+    port: int  # the head's GCS port
+    env: dict[str, str]
+    node_args: dict[str, tuple[str, ...]]  # node name -> its `ray start` arguments
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def temp(self, node: str) -> Path:
+        return self.tmp / node
+
+    def start_node(self, node: str) -> None:
+        """`ray start` one node (the head first): its own temp dir, free ports, token auth."""
+        args = self.node_args[node]
+        join = ("--head", f"--port={self.port}", f"--ray-client-server-port={free_port()}",
+                "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}") if node == "head" \
+            else (f"--address={self.address}",)
+        done = subprocess.run(
+            [str(BIN / "ray"), "start", *join, *args, f"--temp-dir={self.temp(node)}",
+             "--disable-usage-stats", *(f"--{flag}={free_port()}" for flag in NODE_PORT_FLAGS)],
+            env={**self.env, "RAY_TMPDIR": str(self.temp(node))}, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, f"ray start {node} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+
+    def kill_node(self, node: str) -> list[int]:
+        """SIGKILL every process of one node (raylet, its agents, the workers it started): a lost machine."""
+        return stop_ray_under(self.temp(node), signals=(signal.SIGKILL,))
+
+
+@contextmanager
+def ray_cluster(head: tuple[str, ...], workers: list[tuple[str, ...]], env: dict[str, str] | None = None
+                ) -> Iterator[RayCluster]:
+    """A ``ray start`` head (``head``: its extra arguments) and one worker node per entry of ``workers``, with token
+    auth from a token file (``RAY_AUTH_TOKEN_PATH``, as a driver on a cluster node finds it); ``env`` goes to every
+    node, hence to every Ray process, and to drivers. Stopped by PID, never with ``ray stop``."""
+    tmp = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    token = tmp / "token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    base = {**os.environ, **(env or {}), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    base.pop("RAY_AUTH_TOKEN", None)
+    port = free_port()
+    cluster = RayCluster(tmp, port, {**base, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_TMPDIR": str(tmp / "head")},
+                         {"head": head, **{f"node{i}": args for i, args in enumerate(workers, 1)}})
+    try:
+        for node in cluster.node_args:
+            cluster.start_node(node)
+        yield cluster
+    finally:
+        stop_ray_under(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)

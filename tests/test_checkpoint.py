@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from clip_core.checkpoint import (CONFIG_FILE, FORMAT_VERSION, MANIFEST, MODEL_FILE, TRAINER_STATE_FILE,
-                                  TRAINING_STATE_FILE, CheckpointError, load_checkpoint, save_checkpoint)
+                                  TRAINING_STATE_FILE, CheckpointError, export_weights, load_checkpoint,
+                                  save_checkpoint, verify_checkpoint)
 from clip_core.model import CLIP, create_model
 from clip_core.tokenizer import Tokenizer
 
@@ -141,6 +142,39 @@ def test_training_state_that_cannot_load_without_pickle_is_refused_on_save(saved
 def test_optional_parts_absent(tmp_path, model, tokenizer):
     ckpt = load_checkpoint(save_checkpoint(tmp_path / "bare", model, tokenizer))
     assert ckpt.trainer_state == {} and ckpt.load_training_state() is None
+
+
+def test_weights_export_is_a_lean_checkpoint_with_the_same_model(saved, tmp_path, model, tokenizer):
+    """What the registry gets: weights, config and tokenizer byte for byte, under a new file list; no optimizer
+    or trainer state (AdamW's two moments: twice the weights), so it is smaller by at least that much."""
+    lean = export_weights(saved, tmp_path / "export" / "checkpoint")
+    assert sorted(p.name for p in lean.parent.iterdir()) == ["checkpoint"]  # no temp dirs left behind
+    files = json.loads((lean / MANIFEST).read_text())["files"]
+    original = json.loads((saved / MANIFEST).read_text())["files"]
+    assert files == {name: digest for name, digest in original.items()
+                     if name not in (TRAINING_STATE_FILE, TRAINER_STATE_FILE)}
+    assert {p.name for p in lean.iterdir()} == {MODEL_FILE, CONFIG_FILE, "tokenizer", MANIFEST}
+    verify_checkpoint(lean)
+    ckpt = load_checkpoint(lean)
+    assert ckpt.trainer_state == {} and ckpt.load_training_state() is None
+    assert ckpt.model.config == model.config and ckpt.tokenizer.id == tokenizer.id
+    assert all(torch.equal(v, ckpt.model.state_dict()[k]) for k, v in model.state_dict().items())
+
+    def size(path: Path) -> int:
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+    assert size(saved) - size(lean) >= (saved / TRAINING_STATE_FILE).stat().st_size
+    assert export_weights(lean, tmp_path / "again").exists()  # an export exports as it is
+
+
+def test_weights_export_refuses_a_bad_source_and_itself(saved, tmp_path):
+    with pytest.raises(CheckpointError, match="onto itself"):
+        export_weights(saved, saved)
+    assert load_checkpoint(saved).load_training_state() is not None  # untouched
+    (saved / "tokenizer" / "vocab.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"vocab\.json is corrupt"):
+        export_weights(saved, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
 
 
 def test_save_replaces_existing_checkpoint(saved, model, tokenizer):

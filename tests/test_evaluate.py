@@ -18,7 +18,8 @@ from clip_core.checkpoint import MODEL_FILE
 from workflows.common.errors import UserError
 from workflows.data.eval_sets import embed_images_local, read_retrieval_set, retrieval_result, zero_shot_in_process
 from workflows.eval.job import run_eval
-from workflows.tracking import claims
+from workflows.tracking import claims, registry
+from workflows.tracking.client import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 
 from mlflow_helpers import (make_checkpoint, make_config, make_eval_sets, publish, train_tokenizer, training_run,
                             unique_name)
@@ -83,10 +84,20 @@ def test_eval_one_version_logs_results_tags_and_aliases(env, tracking_uri_elsewh
 
     mv = client.get_model_version(name, version)
     assert mv.tags["eval_status"] == "done" and mv.tags["eval_run_id"] == result.eval_run_id
-    assert float(mv.tags["eval.zeroshot/acc1"]) == pytest.approx(m["zeroshot/acc1"], abs=1e-5)
+    assert not [key for key in mv.tags if key.startswith("eval.")]  # results are metrics, not ~25 tags
+    # ... of the eval run, linked to the version's logged model: its page and the Models tab rank by them
+    on_model = {mm.key: mm for mm in client.get_logged_model(registry.logged_model_id(mv)).metrics
+                if mm.run_id == result.eval_run_id}
+    assert on_model["zeroshot/acc1"].value == pytest.approx(m["zeroshot/acc1"])
+    assert on_model["retrieval/image_retrieval_recall_at_1"].value == pytest.approx(
+        m["retrieval/image_retrieval_recall@1"])
+    assert "images_per_second" not in on_model  # the job's throughput, not the model's
+    assert registry.evaluated_metric(client, mv, "zeroshot/acc1") == pytest.approx(m["zeroshot/acc1"])
     assert set(result.aliases) == {"latest-evaluated", "champion"}
     eval_run = client.get_run(result.eval_run_id)
-    assert eval_run.info.status == "FINISHED"
+    assert eval_run.info.status == "FINISHED" and eval_run.data.metrics["images_per_second"] > 0
+    experiment = client.get_experiment(eval_run.info.experiment_id)  # opens on its runs in the MLflow UI
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING_KIND
     assert eval_run.data.tags["clipflow.model_version"] == version
     assert eval_run.data.metrics["zeroshot/acc1"] == pytest.approx(m["zeroshot/acc1"])
     artifacts = {a.path for a in client.list_artifacts(eval_run.info.run_id, "zeroshot")}

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from clip_core.loss import share_bounds
 from workflows import DataOrder, Shard
 from workflows.common.config import ConfigError, DataSource, dump_config, load_config
 from workflows.common.errors import UserError
@@ -26,8 +27,9 @@ RAGGED = (Shard("a", 600), ("b", 300), Shard("c", 856), ("d", 1000))  # short la
 
 def rank_steps(order: DataOrder, epoch: int, world: int, first_step: int = 0) -> dict[int, list[tuple[int, int]]]:
     """step -> every rank's slice of it, concatenated in rank order, from the read units each rank plans."""
-    per_worker, by_step = order.global_batch // world, collections.defaultdict(list)
+    bounds, by_step = share_bounds(order.global_batch, world), collections.defaultdict(list)
     for rank in range(world):
+        per_worker = bounds[rank + 1] - bounds[rank]
         units = order.read_units(epoch, first_step, rank, world)
         reads = collections.Counter((u["shard"], u["block"]) for u in units)
         assert max(reads.values()) <= math.ceil(max(order.weights))  # each block read once a copy by the rank
@@ -57,10 +59,11 @@ def test_each_sample_once_per_epoch_and_rank_slices_make_the_step(global_batch: 
     again = DataOrder(tuple(order.shards), seed=3, global_batch=global_batch)
     assert [again.step_samples(1, s) for s in range(steps)] == list(samples.values())  # a pure function
     assert order.step_samples(0, 0) != samples[0]  # another order each epoch
-    for world in (1, 2, 3, 4):  # world sizes dividing G, a non-power of two among them
+    for world in (1, 2, 3, 4, 5, 7):  # world sizes dividing G, and 5 and 7 that do not (unequal shares)
         assert rank_steps(order, 1, world) == samples, world
-    resumed = rank_steps(order, 1, 3, first_step=steps // 2)  # a checkpoint at world 2, resumed at world 3
-    assert resumed == {s: v for s, v in samples.items() if s >= steps // 2}
+    for world in (3, 7):  # a checkpoint at world 2, resumed at world 3; one at 3, resumed at 7 (shares 13-14)
+        resumed = rank_steps(order, 1, world, first_step=steps // 2)
+        assert resumed == {s: v for s, v in samples.items() if s >= steps // 2}, world
 
 
 def test_permutation_is_a_seeded_bijection_with_an_inverse() -> None:
@@ -174,11 +177,12 @@ def test_training_on_a_mix_checks_every_manifest(train_data: Path, tmp_path: Pat
 
 @pytest.mark.timeout(180)
 def test_the_ray_feed_trains_the_planned_samples(ray_runtime, train_data: Path) -> None:
-    """Rank 1 of 2, resumed at step 2, of a weighted mix whose blocks span several of the rank's steps."""
+    """Rank 2 of 3 (the unequal share: 6 of 16, the others 5), resumed at step 2, of a weighted mix whose
+    blocks span several of the rank's steps."""
     shards = [(str(train_data / f"shard-{i:05d}.parquet"), ROWS) for i in range(SHARDS)]
     order = DataOrder.mixed([(shards[:2], 1.5), (shards[2:], 1.0)], seed=2, global_batch=16)
     assert order.steps_per_epoch == 4 * ROWS // 16
-    keys = [b["key"].tolist() for b in epoch_batches(order, 1, 2, 1, 2, image_size=SIZE, augment="cpu")]
-    expected = [[f"s{shard}-{row:03d}" for shard, row in order.step_samples(1, step)[8:]]
+    keys = [b["key"].tolist() for b in epoch_batches(order, 1, 2, 2, 3, image_size=SIZE, augment="cpu")]
+    expected = [[f"s{shard}-{row:03d}" for shard, row in order.step_samples(1, step)[10:]]
                 for step in range(2, order.steps_per_epoch)]
     assert keys == expected

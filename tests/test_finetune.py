@@ -229,14 +229,23 @@ def test_driver_refuses_pretrained_weights_that_do_not_fit(train_data, tmp_path,
         resolve_pretrained(_cfg(train_data, tmp_path, "model.pretrained=models:/clip/latest/1"))
 
 
-def test_resuming_refuses_a_pretrained_init(train_data, tmp_path, pretrained):
-    """The checkpoint's weights win on resume, so a model.pretrained there would only mislabel the run."""
+def test_resuming_refuses_another_pretrained_init(train_data, tmp_path, pretrained):
+    """The checkpoint's weights win on resume; a model.pretrained other than the one its run started from would
+    mislabel the run, the same one continues it (how a fine-tuning run is retried)."""
     setup = prepare_run(_cfg(train_data, tmp_path), TrainDebug())
-    ckpt = save_checkpoint(tmp_path / "ckpt", build_model(_cfg(train_data, tmp_path), setup), setup.tokenizer,
-                           trainer_state={"step": 2, "global_batch_size": 16, "data_manifest_hash": "tiny-v1"})
-    with pytest.raises(UserError, match=r"unset model.pretrained \(--set model.pretrained=\) to resume"):
+    state = {"step": 2, "global_batch_size": 16, "data_manifest_hash": "tiny-v1"}
+    model = build_model(_cfg(train_data, tmp_path), setup)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, setup.tokenizer, trainer_state=state)  # no `pretrained`: random
+    with pytest.raises(UserError, match=r"initialised from random weights but model.pretrained is .*"
+                                        r"run with --set model.pretrained= to continue it"):
         prepare_run(_cfg(train_data, tmp_path, f"train.resume_from={ckpt}", f"model.pretrained={pretrained['file']}"),
                     TrainDebug())
+    tuned = save_checkpoint(tmp_path / "tuned", model, setup.tokenizer,
+                            trainer_state={**state, "pretrained": str(pretrained["file"])})
+    assert prepare_run(_cfg(train_data, tmp_path, f"train.resume_from={tuned}",
+                            f"model.pretrained={pretrained['file']}"), TrainDebug()).resume_checkpoint == str(tuned)
+    with pytest.raises(UserError, match=r"initialised from '.*' but model.pretrained is unset"):
+        prepare_run(_cfg(train_data, tmp_path, f"train.resume_from={tuned}"), TrainDebug())
 
 
 # ---- registered versions -------------------------------------------------------------------------------
@@ -278,6 +287,8 @@ def test_clipflow_train_fine_tunes_a_registered_version(ray_runtime, mlflow_serv
                "train.max_steps=2", "train.log_every=1", "train.checkpoint_every=2", "mlflow.system_metrics=false",
                f"mlflow.registered_model={unique_name('tuned')}")
     result = train_with_tracking(cfg)
+    # the init as given: a continued run compares it, and models:/ resolves to other paths over time
+    assert load_checkpoint(result.checkpoint_uri).trainer_state["pretrained"] == f"models:/{name}@base"
     final = load_checkpoint(result.checkpoint_uri).model.state_dict()
     for key, tensor in pretrained["state"].items():
         assert torch.equal(final[key], tensor) == key.startswith("visual."), key

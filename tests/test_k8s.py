@@ -153,6 +153,15 @@ BROKEN_CLUSTERS: dict[str, tuple[Callable[[dict], None], str]] = {
     "min above max": (lambda d: _gpu_group(d).update(minReplicas=5, replicas=5), "minReplicas (5)"),
     "no limits": (lambda d: _head_container(d)["resources"].pop("limits"), "resources.limits.cpu is not set"),
     "no shm": (lambda d: _gpu_group(d)["template"]["spec"].pop("volumes"), "/dev/shm"),
+    # preemption: an evicted GPU pod drains its node (Ray Train checkpoints) and lives until the drain deadline
+    "no preemption notice": (lambda d: _gpu_group(d)["template"]["spec"]["containers"][0].pop("lifecycle"),
+                             "needs a preStop hook `ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION"),
+    "grace shorter than the drain": (lambda d: _gpu_group(d)["template"]["spec"].update(
+        terminationGracePeriodSeconds=60), "within terminationGracePeriodSeconds (60): set it to at least 110"),
+    "hook does not wait for the drain": (lambda d: _gpu_group(d)["template"]["spec"]["containers"][0]["lifecycle"][
+        "preStop"]["exec"].update(command=["sh", "-c", "ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION "
+                                           "--reason-message x --deadline-remaining-seconds 90 && sleep 5"]),
+        "must wait out its drain deadline (90 s; it sleeps 5 s)"),
     "root": (lambda d: [d["spec"]["headGroupSpec"]["template"]["spec"]["securityContext"].pop("runAsNonRoot"),
                         _head_container(d)["securityContext"].pop("runAsNonRoot")], "runAsNonRoot"),
     # security: token auth, the restricted Pod Security Standard, the NetworkPolicies' labels
@@ -630,7 +639,8 @@ def test_render_takes_sizes_image_and_namespace_from_the_config(capsys: pytest.C
     assert validate_manifest(doc) == []
     assert doc["metadata"]["namespace"] == "research"
     assert shlex.split(doc["spec"]["entrypoint"]) == [
-        "clipflow", "train", "--config", "configs/vit_b32_laion400m.yaml", "--set", "scaling.min_workers=9",
+        "clipflow", "train", "--run-id", "vit-b32-laion400m-train",  # retries of the job continue one run
+        "--config", "configs/vit_b32_laion400m.yaml", "--set", "scaling.min_workers=9",
         "--set", "scaling.max_workers=20", "--set", "k8s.image=registry.example/clip:7",
         "--set", "k8s.namespace=research"]
     spec = doc["spec"]["rayClusterSpec"]
@@ -655,6 +665,28 @@ def test_render_stages_size_the_gpu_group() -> None:
     cpu_cfg = load_config(config, ["scaling.use_gpu=false"])
     train = k8s_render.render(cpu_cfg, str(config), "train", ["scaling.use_gpu=false"])
     assert not [g for g in train["spec"]["rayClusterSpec"]["workerGroupSpecs"] if gpus_of(g)]
+
+
+def test_the_train_job_names_its_run_so_that_retries_continue_it(capsys: pytest.CaptureFixture[str]) -> None:
+    config = PROJECT_ROOT / "configs" / "vit_b32_laion400m.yaml"
+    cfg = load_config(config)
+    entrypoint = lambda doc: shlex.split(doc["spec"]["entrypoint"])  # noqa: E731
+    default = entrypoint(k8s_render.render(cfg, str(config), "train"))
+    assert default[2:4] == ["--run-id", k8s_render.job_name(cfg, "train")] == ["--run-id", "vit-b32-laion400m-train"]
+    assert entrypoint(k8s_render.render(cfg, str(config), "train", run_id="vit-b32-try2"))[2:4] == [
+        "--run-id", "vit-b32-try2"]
+    own = load_config(config, ["train.run_id=mine"])  # the config's own run id: carried by the --set
+    assert "--run-id" not in entrypoint(k8s_render.render(own, str(config), "train", ["train.run_id=mine"]))
+    assert "--run-id" not in entrypoint(k8s_render.render(cfg, str(config), "preprocess"))
+    assert main(["k8s", "render", "--config", str(config), "--run-id", "x/y"]) == 2
+    assert "train.run_id 'x/y' must be 1 to 100 letters" in capsys.readouterr().err
+    assert main(["k8s", "render", "--config", str(config), "--stage", "eval", "--run-id", "r"]) == 2
+    assert "--run-id only applies to --stage train" in capsys.readouterr().err
+    assert main(["k8s", "render", "--config", str(config), "--run-id", "r2", "--suspend"]) == 0
+    out = capsys.readouterr().out
+    assert "--suspend --run-id r2`" in out.splitlines()[0]  # the header's command reproduces the file
+    (doc,) = yaml.safe_load_all(out)
+    assert entrypoint(doc)[2:4] == ["--run-id", "r2"]
 
 
 def test_render_rejects_a_config_the_cluster_cannot_see(tmp_path: Path, capsys) -> None:

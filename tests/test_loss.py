@@ -1,9 +1,11 @@
-"""ClipLoss / SigLipLoss: single-process formulas, and 2-process (gloo) == 1-process on the global batch.
+"""ClipLoss / SigLipLoss: single-process formulas, and W processes (gloo) == 1 process on the global batch,
+for equal shares (W=2: 5+5 of G=10) and unequal ones (W=3: 3+3+4).
 
-The distributed test runs every loss configuration in one spawn of 2 CPU processes (spawning costs
+Each distributed run computes every loss configuration in one spawn of W CPU processes (spawning costs
 seconds) and writes each rank's loss and gradients to a file; the parent compares them with the
 single-process reference on the concatenated batch. DDP averages parameter gradients over ranks, so
-the gradient DDP applies is the rank mean; for features, rank r's gradient / world_size is its share.
+the gradient DDP applies is the rank mean; for features, rank r's gradient / W is its share (each rank's
+loss sends a gradient to every rank's features). clip_core/loss.py's docstring states the conventions.
 """
 
 from __future__ import annotations
@@ -18,22 +20,23 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from clip_core.loss import ClipLoss, SigLipLoss
+from clip_core.loss import ClipLoss, SigLipLoss, share_bounds
 from workflows.common.runtime import free_port
 
-WORLD = 2
-LOCAL_BATCH = 4
+GLOBAL = 10
+WORLDS = (2, 3)  # 5+5, and 3+3+4
+COMPILED_WORLD = 3  # the compiled loss once (compiling costs tens of seconds per process here), unequal shares
 IN_DIM, EMBED_DIM = 6, 5
-CLIP_CONFIGS = [(False, True), (True, True), (False, False)]  # (local_loss, gather_with_grad)
+CLIP_CONFIGS = [(False, True), (True, True), (False, False), (True, False)]  # (local_loss, gather_with_grad)
+TOL = dict(rtol=1e-6, atol=1e-6)
 
 
 def _problem() -> dict[str, torch.Tensor]:
     """A global batch of inputs and a tiny linear 'encoder' per modality (same on every process)."""
     g = torch.Generator().manual_seed(0)
-    n = WORLD * LOCAL_BATCH
     return {
-        "x_image": torch.randn(n, IN_DIM, generator=g),
-        "x_text": torch.randn(n, IN_DIM, generator=g),
+        "x_image": torch.randn(GLOBAL, IN_DIM, generator=g),
+        "x_text": torch.randn(GLOBAL, IN_DIM, generator=g),
         "w_image": torch.randn(EMBED_DIM, IN_DIM, generator=g),
         "w_text": torch.randn(EMBED_DIM, IN_DIM, generator=g),
     }
@@ -62,37 +65,45 @@ def _run(loss_fn, rows: slice, siglip: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=WORLD, timeout=datetime.timedelta(seconds=30))
+                                         world_size=world, timeout=datetime.timedelta(seconds=30))
     try:
-        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        results = {f"clip-{local}-{grad}": _run(ClipLoss(local_loss=local, gather_with_grad=grad), rows, False)
+        bounds = share_bounds(GLOBAL, world)
+        rows = slice(bounds[rank], bounds[rank + 1])
+        results = {f"clip-{local}-{grad}": _run(ClipLoss(local_loss=local, gather_with_grad=grad, global_batch=GLOBAL),
+                                                rows, False)
                    for local, grad in CLIP_CONFIGS}
-        results["siglip"] = _run(SigLipLoss(), rows, True)
-        # model.compile=full compiles the loss: the gather's autograd function must trace (aot_eager:
-        # Dynamo and AOTAutograd, without Inductor's codegen time).
-        compiled = torch.compile(ClipLoss(local_loss=True, gather_with_grad=True), backend="aot_eager")
-        results["clip-compiled"] = _run(compiled, rows, False)
+        results["siglip"] = _run(SigLipLoss(global_batch=GLOBAL), rows, True)
+        if world == COMPILED_WORLD:
+            # model.compile=full compiles the loss: the gather's autograd function must trace (aot_eager:
+            # Dynamo and AOTAutograd, without Inductor's codegen time), padding and all.
+            compiled = torch.compile(ClipLoss(local_loss=True, gather_with_grad=True, global_batch=GLOBAL),
+                                     backend="aot_eager")
+            results["clip-compiled"] = _run(compiled, rows, False)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def distributed_results(tmp_path_factory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("dist")
-    context = mp.start_processes(_worker, args=(free_port(), str(out_dir)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + 60
-    try:
-        while not context.join(timeout=1):
-            assert time.monotonic() < deadline, "2-process gloo run did not finish in 60 s"
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+def distributed(tmp_path_factory) -> dict[int, list[dict]]:
+    """world size -> each rank's results, one spawn per world size."""
+    out = {}
+    for world in WORLDS:
+        out_dir = tmp_path_factory.mktemp(f"dist{world}")
+        context = mp.start_processes(_worker, args=(world, free_port(), str(out_dir)), nprocs=world, join=False,
+                                     start_method="spawn")
+        deadline = time.monotonic() + 180
+        try:
+            while not context.join(timeout=1):
+                assert time.monotonic() < deadline, f"{world}-process gloo run did not finish in 180 s"
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+        out[world] = [torch.load(out_dir / f"rank{r}.pt") for r in range(world)]
+    return out
 
 
 def _reference(key: str) -> dict[str, torch.Tensor]:
@@ -101,45 +112,89 @@ def _reference(key: str) -> dict[str, torch.Tensor]:
     return _run(ClipLoss(rank=0, world_size=1), slice(None), False)
 
 
-def _assert_matches_single_process(results: list[dict], key: str) -> None:
-    ref = _reference(key)
-    ranks = [r[key] for r in results]
-    torch.testing.assert_close(torch.stack([r["loss"] for r in ranks]).mean(), ref["loss"])
-    for name in ("image", "text"):  # rank r's features are rows r*B:(r+1)*B of the global batch
-        torch.testing.assert_close(torch.cat([r[name] for r in ranks]) / WORLD, ref[name])
+def _assert_matches(ranks: list[dict], ref: dict[str, torch.Tensor]) -> None:
+    world = len(ranks)
+    torch.testing.assert_close(torch.stack([r["loss"] for r in ranks]).mean(), ref["loss"], **TOL)
+    for name in ("image", "text"):  # rank r's features are rows share_bounds(G, W)[r:r + 2] of the global batch
+        torch.testing.assert_close(torch.cat([r[name] for r in ranks]) / world, ref[name], **TOL)
     for name in ("w_image", "w_text", "logit_scale", "logit_bias"):  # DDP's all-reduce mean
         if name in ref:
-            torch.testing.assert_close(torch.stack([r[name] for r in ranks]).mean(0), ref[name])
+            torch.testing.assert_close(torch.stack([r[name] for r in ranks]).mean(0), ref[name], **TOL)
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("local_loss", [False, True])
-def test_clip_loss_two_processes_equal_one_process(distributed_results, local_loss):
-    _assert_matches_single_process(distributed_results, f"clip-{local_loss}-True")
-    if not local_loss:  # every rank computes the whole global loss
-        for rank in distributed_results:
-            torch.testing.assert_close(rank[f"clip-{local_loss}-True"]["loss"], _reference("clip")["loss"])
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("key", ["clip-False-True", "clip-True-True", "siglip"])
+def test_exact_modes_at_any_world_size_equal_one_process(distributed, world, key):
+    """Global or local loss gathered with gradient, and SigLIP: loss (mean over ranks) and gradients are the
+    single-process ones, whether the shares are equal or not."""
+    _assert_matches([r[key] for r in distributed[world]], _reference("siglip" if key == "siglip" else "clip"))
 
 
-@pytest.mark.timeout(120)
-def test_compiled_clip_loss_two_processes_equal_one_process(distributed_results):
-    _assert_matches_single_process(distributed_results, "clip-compiled")
+@pytest.mark.timeout(420)
+def test_compiled_loss_with_unequal_shares_equals_one_process(distributed):
+    _assert_matches([r["clip-compiled"] for r in distributed[COMPILED_WORLD]], _reference("clip"))
 
 
-@pytest.mark.timeout(120)
-def test_siglip_two_processes_equal_one_process(distributed_results):
-    _assert_matches_single_process(distributed_results, "siglip")
-
-
-@pytest.mark.timeout(120)
-def test_gather_without_grad_gives_gradients_scaled_by_world_size(distributed_results):
-    """The check above can fail: without gradient through the gather, DDP's step is grad / world."""
-    with pytest.raises(AssertionError):
-        _assert_matches_single_process(distributed_results, "clip-False-False")
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("world", WORLDS)
+def test_global_loss_is_bit_identical_to_one_process(distributed, world):
+    """The gathered features are exact copies (padding and all), so every rank's global loss is the
+    single-process one to the bit; without gradient through the gather each rank's own features get
+    exactly the single-process gradient; with it, W identical gradients summed (exact for W=2)."""
     ref = _reference("clip")
-    ranks = [r["clip-False-False"] for r in distributed_results]
+    for rank in distributed[world]:
+        assert torch.equal(rank["clip-False-True"]["loss"], ref["loss"])
+        assert torch.equal(rank["clip-False-False"]["loss"], ref["loss"])
+    for name in ("image", "text"):
+        assert torch.equal(torch.cat([r["clip-False-False"][name] for r in distributed[world]]), ref[name])
+        if world == 2:
+            assert torch.equal(torch.cat([r["clip-False-True"][name] for r in distributed[world]]) / 2, ref[name])
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("world", WORLDS)
+def test_gather_without_grad_gives_gradients_scaled_by_world_size(distributed, world):
+    """The exactness check can fail: without gradient through the gather, DDP's step is grad / W (logit_scale's
+    is exact)."""
+    ranks = [r["clip-False-False"] for r in distributed[world]]
+    with pytest.raises(AssertionError):
+        _assert_matches(ranks, _reference("clip"))
+    ref = _reference("clip")
     torch.testing.assert_close(ranks[0]["loss"], ref["loss"])  # the loss value itself is right
-    torch.testing.assert_close(torch.stack([r["w_image"] for r in ranks]).mean(0), ref["w_image"] / WORLD)
+    mean = {name: torch.stack([r[name] for r in ranks]).mean(0) for name in ("w_image", "w_text", "logit_scale")}
+    torch.testing.assert_close(mean["w_image"], ref["w_image"] / world, **TOL)
+    torch.testing.assert_close(mean["w_text"], ref["w_text"] / world, **TOL)
+    torch.testing.assert_close(mean["logit_scale"], ref["logit_scale"], **TOL)
+
+
+def _query_side_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The global loss with every column a constant: what local_loss without gather_with_grad differentiates."""
+    labels = torch.arange(image.shape[0])
+    return (F.cross_entropy(scale * image @ text.detach().T, labels)
+            + F.cross_entropy(scale * text @ image.detach().T, labels)) / 2
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("world", WORLDS)
+def test_local_loss_without_gather_grad_is_the_same_approximation_at_every_world_size(distributed, world):
+    """Each sample's features get the gradient of its own rows only: the same at W=2 and W=3 (equal or
+    unequal shares), and the loss (mean over ranks) is exact."""
+    _assert_matches([r["clip-True-False"] for r in distributed[world]], _run(_query_side_loss, slice(None), False))
+    ranks = [r["clip-True-False"] for r in distributed[world]]
+    torch.testing.assert_close(torch.stack([r["loss"] for r in ranks]).mean(), _reference("clip")["loss"], **TOL)
+
+
+def test_shares_are_balanced_contiguous_floors_and_checked():
+    assert share_bounds(10, 3) == [0, 3, 6, 10] and share_bounds(8, 2) == [0, 4, 8]
+    assert share_bounds(32_768, 24)[1:3] == [1365, 2730]
+    with pytest.raises(ValueError, match="cannot give each of 11 ranks a sample"):
+        share_bounds(10, 11)
+    image = F.normalize(torch.randn(4, 8), dim=-1)
+    with pytest.raises(ValueError, match=r"rank 0 of 1 holds 4 rows, but its share of the global batch 10 is 10"):
+        ClipLoss(rank=0, world_size=1, global_batch=10)(image, image, torch.tensor(10.0))
+    with pytest.raises(ValueError, match="rank 0 of 1 holds 4 rows"):
+        SigLipLoss(rank=0, world_size=1, global_batch=5)(image, image, torch.tensor(10.0), None)
 
 
 def test_clip_loss_single_process_matches_formula():

@@ -57,16 +57,24 @@ def test_warmup_then_cosine():
     assert warmup_cosine(7, 4, 14) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)))
 
 
-def test_batch_plan_keeps_global_batch_and_rejects_indivisible():
+def test_batch_plan_gives_any_world_size_its_share_of_the_global_batch():
     assert plan_batches(128, 2) == plan_batches(128, 2, 0) and plan_batches(128, 2).accum_steps == 1
     plan = plan_batches(96, 2, micro_batch_cap=20)  # 48 per worker: 3 micro-batches of 16 (<= 20)
     assert (plan.per_worker, plan.accum_steps, plan.micro_batch) == (48, 3, 16)
     assert plan_batches(128, 1, 64).accum_steps == 2 and plan_batches(128, 1, 64).per_worker == 128
-    with pytest.raises(UserError, match="not divisible by world size 3"):
-        plan_batches(128, 3)
+    assert [plan_batches(128, 3, rank=r).per_worker for r in range(3)] == [42, 43, 43]  # sums to 128
+    # the accumulation count follows the largest share and is the same on every rank
+    assert {plan_batches(8, 3, 2, rank=r).accum_steps for r in range(3)} == {2}  # shares 2, 3, 3
+    assert plan_batches(50, 1, 20).accum_steps == 3  # near-equal micro-batches, not a count dividing 50
     check_world_sizes(128, 1, 2)
-    with pytest.raises(UserError, match=r"world size\(s\) \[3\].*e\.g\. 12"):
-        check_world_sizes(128, 2, 4)
+    check_world_sizes(8, 3, 3, 2)
+    check_world_sizes(32_768, 24, 32, 512)  # configs/vit_b32_laion400m.yaml's range
+    with pytest.raises(UserError, match="global_batch_size 8 gives fewer than one sample to each of 9 workers; "
+                                        "raise it or lower scaling.max_workers to at most 8"):
+        check_world_sizes(8, 2, 9)
+    with pytest.raises(UserError, match="micro_batch_size 1 splits the largest per-worker share of 3 at world "
+                                        "size 3 into 3 micro-batches, more than the smallest share of 2"):
+        check_world_sizes(8, 2, 3, 1)
 
 
 def _grads(model, loss_fn, images, tokens, accum):
@@ -74,6 +82,19 @@ def _grads(model, loss_fn, images, tokens, accum):
     temperature = [p for p in (model.logit_scale, model.logit_bias) if p is not None]
     loss = accumulate_gradients(model, loss_fn, images, tokens, accum, contextlib.nullcontext(), temperature)
     return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(("accum", "sizes"), [(3, [2, 2, 2]), (4, [2, 2, 1, 1])])
+def test_accumulation_splits_a_share_into_exactly_accum_micro_batches(accum, sizes):
+    """6 samples in 4 passes: ``chunk`` would make 3 (2+2+2), one pass short of the other ranks' collectives."""
+    torch.manual_seed(0)
+    model = create_model("tiny-vit")
+    seen = []
+    model.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
+    images, tokens = torch.randn(6, 3, 32, 32), torch.randint(1, 1000, (6, 16))
+    loss, _ = _grads(model, ClipLoss(global_batch=6), images, tokens, accum)
+    assert seen == sizes + sizes  # every micro-batch embedded without autograd, then again with it
+    assert torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 from pathlib import Path
 from typing import Iterator
@@ -21,7 +22,7 @@ from workflows.common.config import load_config
 from workflows.common.errors import UserError
 from workflows.common.runtime import free_port
 from workflows.ops.cli import build_parser, main
-from workflows.ops.submit import EXCLUDES, build_request
+from workflows.ops.submit import EXCLUDES, build_request, resubmit_command
 
 from ray_head import RayHead
 from ray_head import ray_head as start_ray_head
@@ -49,9 +50,32 @@ def test_request_runs_the_local_command_in_an_uploaded_copy_of_the_project() -> 
     assert build_parser("eval").parse_args(shlex.split(request.entrypoint)[1:]).alias == "champion"
 
 
+def test_a_train_job_always_carries_a_run_id() -> None:
+    """The same run id continues the run (train.run_id); without one, submit makes one and prints the command."""
+    args = parse("--address", "http://h:8265", "--config", str(CONFIG), "--stage", "train", "--set", "train.lr=1e-4")
+    request = build_request(load_config(CONFIG, args.overrides), args)
+    argv = shlex.split(request.entrypoint)
+    assert argv[:3] == ["clipflow", "train", "--run-id"] and argv[3] == request.run_id
+    assert re.fullmatch(r"demo-\d{8}-\d{6}-[0-9a-f]{6}", request.run_id)
+    assert request.metadata["clipflow.run_id"] == request.run_id
+    assert build_parser("train").parse_args(argv[1:]).run_id == request.run_id
+    assert resubmit_command(args, "r1") == shlex.join([
+        "clipflow", "submit", "--address", "http://h:8265", "--stage", "train", "--config", str(CONFIG),
+        "--set", "train.lr=1e-4", "--run-id", "r1"])
+    again = parse("--address", "http://h:8265", "--config", str(CONFIG), "--stage", "train", "--run-id", "r1")
+    assert shlex.split(build_request(load_config(CONFIG), again).entrypoint)[2:4] == ["--run-id", "r1"]
+    in_config = parse("--address", "http://h:8265", "--stage", "train", "--set", "train.run_id=r2")
+    request = build_request(load_config(None, in_config.overrides), in_config)
+    assert request.run_id == "r2" and "--run-id" not in shlex.split(request.entrypoint)  # the --set carries it
+    eval_job = parse("--address", "http://h:8265", "--stage", "eval", "--pending")
+    assert build_request(load_config(None), eval_job).run_id == ""
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--stage", "train", "--pending"], "only apply to --stage eval"),
     (["--env", "NOEQUALS"], "--env expects KEY=VALUE"),
+    (["--stage", "eval", "--run-id", "r1"], "--run-id only applies to --stage train"),
+    (["--stage", "train", "--run-id", "a/b"], "train.run_id 'a/b' must be 1 to 100 letters"),
 ])
 def test_bad_requests_are_user_errors(argv: list[str], message: str) -> None:
     args = parse("--address", "http://h:8265", *argv)
@@ -79,8 +103,20 @@ def test_the_local_credentials_never_reach_the_job(monkeypatch: pytest.MonkeyPat
                  "MLFLOW_TRACKING_URI=http://mlflow:5000")
     env_vars = build_request(load_config(None), args).runtime_env["env_vars"]
     assert env_vars == {"PYTHONUNBUFFERED": "1", "AWS_DEFAULT_REGION": "eu-west-1",
-                        "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+                        "MLFLOW_TRACKING_URI": "http://mlflow:5000", "RAY_JOB_STOP_WAIT_TIME_S": "120"}
     assert "local-secret" not in repr(build_request(load_config(None), args))
+
+
+def test_a_train_job_gives_its_stop_checkpoint_time_and_a_user_value_wins() -> None:
+    """`ray job stop` SIGKILLs 3 s after SIGTERM unless the job's environment says otherwise (Ray's supervisor
+    reads it): a train job gets the driver's stop wait plus room to end the run; other stages keep Ray's."""
+    def env(*extra: str, stage: str = "train") -> dict[str, str]:
+        args = parse("--address", "http://h:8265", "--stage", stage, *extra)
+        return build_request(load_config(None), args).runtime_env["env_vars"]
+
+    assert env()["RAY_JOB_STOP_WAIT_TIME_S"] == "120"
+    assert env("--env", "RAY_JOB_STOP_WAIT_TIME_S=300")["RAY_JOB_STOP_WAIT_TIME_S"] == "300"
+    assert "RAY_JOB_STOP_WAIT_TIME_S" not in env(stage="preprocess")
 
 
 def test_config_outside_the_project_is_refused(tmp_path: Path, capsys) -> None:
@@ -143,8 +179,13 @@ def test_submitted_training_job_checkpoints_and_registers(ray_head: RayHead, tra
     out = capsys.readouterr().out
     assert code == 0, out
     assert "status      SUCCEEDED" in out and "clipflow.train: step 6/6" in out  # 96 rows / 16 = 6 steps, logs streamed
+    run_id = re.search(r"^run id (\S+): to continue this run after a stop or failure", out, re.M).group(1)
+    again = out.split(f"run id {run_id}: to continue this run after a stop or failure, submit it again with the "
+                      f"same run id:\n  ", 1)[1].splitlines()[0]
+    assert again == shlex.join(["clipflow", "submit", "--address", ray_head.dashboard, "--stage", "train", "--config",
+                                str(CONFIG), *[a for o in overrides for a in ("--set", o)], "--run-id", run_id])
 
-    (checkpoint,) = home.glob("runs/*/checkpoint_00000006")
+    (checkpoint,) = home.glob(f"runs/{run_id}/checkpoint_00000006")
     assert load_checkpoint(checkpoint).trainer_state["step"] == 6
     (version,) = MlflowClient(store).search_model_versions("name = 'submitted'")
     assert version.tags["step"] == "6" and version.tags["eval_status"] == "pending"

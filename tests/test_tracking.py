@@ -5,7 +5,6 @@ credentials in what is logged."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -29,6 +28,8 @@ from workflows.ops import cli
 from workflows.tracking.client import RUN_KEY_TAG, Tracker, TrainingTracking, scrub_uri, tracking_uri
 from workflows.tracking.spool import PENDING_FILE, Spool
 
+from mlflow_helpers import tracking_home
+
 WORDS = ["red", "green", "blue", "circle", "square", "photo", "of", "a", "the", "small"]
 
 
@@ -41,15 +42,7 @@ def tokenizer() -> Tokenizer:
 
 @pytest.fixture()
 def home(tmp_path: Path, tokenizer: Tokenizer) -> Path:
-    """A home with a training-data manifest and its tokenizer, as `clipflow preprocess` leaves them."""
-    data = tmp_path / "data" / "train"
-    tokenizer.save(data / "tokenizer")
-    (data / "manifest.json").write_text(json.dumps({"version": 1, "tokenizer": tokenizer.id,
-                                                    "tokenizer_path": "tokenizer", "content_hash": "abc123",
-                                                    "context_length": 16, "image_size": 32, "shards": [],
-                                                    "counts": {"input": 3, "written": 3, "duplicates": 0,
-                                                               "rejected": {}}}))
-    return tmp_path
+    return tracking_home(tmp_path, tokenizer)
 
 
 def make_cfg(home: Path, uri: str, *extra: str):
@@ -69,7 +62,7 @@ def test_tracking_uri_resolution(home: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 def test_one_run_per_run_key_with_params_tags_artifacts(mlflow_server, home: Path) -> None:
     cfg = make_cfg(home, mlflow_server.uri, "train.lr=0.0005")
-    first = Tracker(cfg, run_key="run-a", tags={"clipflow.world_size": "2"})
+    first = Tracker(cfg, run_key="run-a", tags={"clipflow.stage": "pretrain"})
     first.log_metrics({"loss": 2.0}, step=1)
     first.close(status="FAILED")  # a worker group died ...
     client = MlflowClient(mlflow_server.uri)
@@ -89,7 +82,7 @@ def test_one_run_per_run_key_with_params_tags_artifacts(mlflow_server, home: Pat
     assert run.info.status == "FINISHED"
     assert run.data.params["train.lr"] == "0.0005" and run.data.params["model.name"] == "demo-vit"
     tags = run.data.tags
-    assert tags["clipflow.world_size"] == "2" and tags["clipflow.data_manifest_hash"] == "abc123"
+    assert tags["clipflow.stage"] == "pretrain" and tags["clipflow.data_manifest_hash"] == "abc123"
     assert tags["clipflow.tokenizer"].startswith("bpe-") and tags["clipflow.code_version"]
     assert [m.step for m in client.get_metric_history(first.run_id, "loss")] == [1, 2]
     assert run.data.metrics["zeroshot/image_retrieval_recall_at_1"] == 0.25  # MLflow names may not hold "@"
@@ -361,6 +354,22 @@ def test_the_driver_ends_a_run_its_workers_left_running(mlflow_server, home: Pat
     # nothing to end when no worker ever opened the run
     assert TrainingTracking.for_config(cfg).end(SimpleNamespace(run_name="never-opened", manifest_hash=""),
                                                 status) == ""
+
+
+def test_the_driver_ends_a_run_within_close_timeout_on_a_hung_server(home: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM handler ends the run inside a grace period: ``end`` returns while its request to a hung server is
+    still unanswered (after mlflow.close_timeout_seconds), and the end status waits in the spool."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "600")  # the client itself never gives up in this test
+    server = HungServer()
+    try:
+        cfg = make_cfg(home, f"http://127.0.0.1:{server.port}", "mlflow.close_timeout_seconds=1")
+        setup = SimpleNamespace(run_name="hung-end", manifest_hash="abc123")
+        assert TrainingTracking(cfg).end(setup, "KILLED") == ""  # (for_config would wait on the credential check)
+        assert server.accepted.wait(timeout=120) and not server.client_gave_up.is_set()
+        assert Spool.for_run(cfg.storage.path, "hung-end").read().end == "KILLED"
+    finally:
+        server.close()
 
 
 def test_sync_refuses_what_is_not_a_spool(home: Path, capsys: pytest.CaptureFixture) -> None:

@@ -123,6 +123,11 @@ class TrainerState:
     samples_per_second: float = 0.0
     mlflow_run_id: str = ""
     world_size: int = 0
+    # How the run began (a checkpoint that predates these fields reads as ""): the model.pretrained it was
+    # initialised from, as given (a models:/ URI before resolution), and the train.resume_from it started at.
+    # A new driver continues the run only with the same two values (``train.driver``).
+    pretrained: str = ""
+    resume_from: str = ""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "TrainerState":

@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import os
 import posixpath
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -218,6 +219,9 @@ class DataSource:
     weight: float = 1.0
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")  # train.run_id: a safe directory and MLflow run name
+
+
 @dataclass
 class TrainConfig:
     """The paper's optimisation recipe by default (AdamW 0.9/0.98/1e-6, wd 0.2, warmup + cosine)."""
@@ -252,6 +256,11 @@ class TrainConfig:
     # Added by the training stage:
     # a checkpoint directory (local or s3://) to continue from; "" = fresh run
     resume_from: str = field(default="", metadata=PATH)
+    # The run's stable name: its checkpoints live in storage.path/<run_id>/ and its MLflow run is keyed by it, so
+    # a new driver with the same run id (a re-submit, a RayJob retry) continues the run; "" = a new name each time
+    run_id: str = ""
+    # With a run id: "auto" continues its latest complete checkpoint; "never" refuses a run id that has checkpoints
+    resume: Literal["auto", "never"] = "auto"
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = GPU table / measured on CPU
 
     def validate(self) -> None:
@@ -271,6 +280,9 @@ class TrainConfig:
         if not 0 < self.layer_decay <= 1:
             problems.append(f"train.layer_decay={self.layer_decay} must be in (0, 1] (1 = off; fine-tuning uses "
                             f"e.g. 0.65-0.9)")
+        if self.run_id and not RUN_ID.fullmatch(self.run_id):
+            problems.append(f"train.run_id {self.run_id!r} must be 1 to 100 letters, digits, '-', '_' or '.', "
+                            f"starting with a letter or digit (it names a directory and an MLflow run)")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -288,11 +300,16 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional on small machines, so Ray Data's tasks are not starved
     max_failures: int = 3
+    # min < max: how often Ray Train checks whether more workers fit (the scale-up delay after capacity
+    # returns; Ray's default); each resize restarts the group from its latest checkpoint
+    resize_interval_s: float = 60.0
 
     def validate(self) -> None:
         if not 1 <= self.min_workers <= self.max_workers:
             raise ConfigError(f"scaling needs 1 <= min_workers <= max_workers, got "
                               f"{self.min_workers}..{self.max_workers}")
+        if not self.resize_interval_s > 0:
+            raise ConfigError(f"scaling.resize_interval_s must be > 0 seconds, got {self.resize_interval_s}")
 
 
 @dataclass

@@ -13,10 +13,13 @@ metrics per dataset with CLIP_benchmark's names (``<dataset>/acc1``, ``<dataset>
 ``<dataset>/mean_per_class_recall``, ``<dataset>/image_retrieval_recall@k``,
 ``<dataset>/text_retrieval_recall@k``, ``<dataset>/lp_acc1``, ``lp_acc5``, ``lp_mean_per_class_recall``),
 a per-class accuracy table and a confusion-matrix image;
-(in MLflow "@" is spelled "_at_": ``image_retrieval_recall_at_1``);
-the same metrics as ``eval/<dataset>/<metric>`` at the checkpoint's step in the training run (a
-"zero-shot accuracy vs step" chart); summary tags on the version; status done or failed (with the
-reason); then the ``latest-evaluated`` and (if the primary metric improved) ``champion`` aliases.
+(in MLflow "@" is spelled "_at_": ``image_retrieval_recall_at_1``). The metrics are logged with the
+version's ``model_id``, so they are the logged model's metrics too (its page, and the experiment's Models
+tab, which ranks checkpoints by them); they are logged only once the result counts (the lease held).
+The same metrics as ``eval/<dataset>/<metric>`` at the checkpoint's step in the training run (a
+"zero-shot accuracy vs step" chart, skipped with one line when the identity may not write that run);
+status done or failed (with the reason) and ``eval_run_id`` on the
+version; then the ``latest-evaluated`` and (if the primary metric improved) ``champion`` aliases.
 
 The eval sets' formats and the scoring are ``workflows.data.eval_sets``'s, shared with training; the
 linear probe is ``workflows.eval.linear_probe``.
@@ -241,6 +244,7 @@ def run_eval_checkpoint(cfg: Config, path: str) -> EvalResult:
             client.set_terminated(eval_run, "FAILED")
         raise
     if eval_run is not None:
+        _log_results(client, eval_run, metrics, rate)
         client.set_terminated(eval_run, "FINISHED")
     log.info("%s: done, %s=%s", path, cfg.eval.primary_metric, metrics.get(cfg.eval.primary_metric))
     return EvalResult(cfg.mlflow.registered_model, [EvalOutcome(
@@ -306,11 +310,11 @@ def _evaluate_claimed(cfg: Config, client, claim: claims.Claim, mv) -> EvalOutco
         client.set_terminated(eval_run, "KILLED")
         outcome.status, outcome.reason = "skipped", "lease expired during eval and another job may have the version"
         return outcome
+    _log_results(client, eval_run, metrics, rate, model_id=registry.logged_model_id(mv))
     client.set_terminated(eval_run, "FINISHED")
     if mv.run_id and mv.tags.get("step", "").isdigit():
-        _log_metrics(client, mv.run_id, {f"eval/{k}": v for k, v in metrics.items()}, int(mv.tags["step"]))
-    registry.finish_version(claim, registry.DONE, summary={mlflow_key(k): v for k, v in metrics.items()},
-                            eval_run_id=eval_run)
+        _chart_on_training_run(client, mv, metrics)
+    registry.finish_version(claim, registry.DONE, eval_run_id=eval_run)
     primary = metrics.get(cfg.eval.primary_metric)
     aliases = registry.promote(client, claim.name, mv.version, mlflow_key(cfg.eval.primary_metric), primary)
     log.info("%s v%s: done, %s=%s (aliases: %s)", claim.name, mv.version, cfg.eval.primary_metric, primary,
@@ -322,8 +326,8 @@ def _evaluate_claimed(cfg: Config, client, claim: claims.Claim, mv) -> EvalOutco
 
 def _evaluate_model(cfg: Config, model, tokenizer: Tokenizer, client,
                     eval_run: str | None) -> tuple[dict[str, float], int, float]:
-    """All eval images in one Ray Data pass (one actor pool start), then metrics per dataset, logged to
-    ``eval_run`` when there is one."""
+    """All eval images in one Ray Data pass (one actor pool start), then metrics per dataset (their tables and
+    figures logged to ``eval_run`` when there is one; the caller logs the metrics)."""
     import ray
 
     try:
@@ -354,13 +358,33 @@ def _evaluate_model(cfg: Config, model, tokenizer: Tokenizer, client,
         if eval_run is not None:
             log_dataset(client, eval_run, data.name, result)
         metrics.update({f"{data.name}/{k}": v for k, v in result.metrics.items()})
-    if eval_run is not None:
-        _log_metrics(client, eval_run, {**metrics, "images_per_second": rate}, 0)
     return metrics, num_classes, rate
 
 
-def _log_metrics(client, run_id: str, metrics: dict[str, float], step: int) -> None:
+def _log_results(client, eval_run: str, metrics: dict[str, float], rate: float, model_id: str | None = None) -> None:
+    """The eval run's metrics: the model's on the version's logged model too (``model_id``), the throughput
+    on the run only (it measures the eval job, not the model)."""
+    _log_metrics(client, eval_run, metrics, 0, model_id)
+    _log_metrics(client, eval_run, {"images_per_second": rate}, 0)
+
+
+def _chart_on_training_run(client, mv, metrics: dict[str, float]) -> None:
+    """``eval/<metric>`` at the checkpoint's step in the training run: a convenience chart, so a server that
+    refuses it (the k8s eval identity may read training runs, not write them) costs one line, not the result."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        _log_metrics(client, mv.run_id, {f"eval/{k}": v for k, v in metrics.items()}, int(mv.tags["step"]))
+    except MlflowException as exc:
+        if exc.get_http_status_code() != 403:
+            raise
+        log.info("%s v%s: the eval/<metric> chart is not added to training run %s (this identity may not write "
+                 "it); the results are on the version's logged model and eval run", mv.name, mv.version, mv.run_id)
+
+
+def _log_metrics(client, run_id: str, metrics: dict[str, float], step: int, model_id: str | None = None) -> None:
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(mlflow_key(k), float(v), now, step) for k, v in metrics.items()])
+    client.log_batch(run_id, metrics=[Metric(mlflow_key(k), float(v), now, step, model_id=model_id)
+                                      for k, v in metrics.items()])

@@ -51,6 +51,11 @@ MAX_INT32 = 2**31 - 1
 API_TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 # A Kubernetes $(VAR) reference; $$ escapes it.
 _VAR_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+# A Train worker pod's preStop hook: drain its own node for preemption, so Ray Train checkpoints, and live until the
+# deadline (workflows.train.preemption). After the hook, Ray itself needs this long within the grace period to stop.
+PREEMPTION_DRAIN = re.compile(r"ray drain-node .*--reason DRAIN_NODE_REASON_PREEMPTION\b.*"
+                              r"--deadline-remaining-seconds (\d+) && sleep (\d+)", re.S)
+RAY_STOP_MARGIN_S = 20
 
 
 def load_documents(path: str | Path) -> list[dict[str, Any]]:
@@ -287,11 +292,32 @@ def check_ray_cluster_spec(spec: dict[str, Any], where: str) -> list[str]:
         # and /tmp, so Ray pods keep a writable root filesystem; everything else is still enforced.
         errors += check_pod_spec(pod, f"{at}.template.spec", read_only_root=False)
         errors += _check_shm(pod, at)
+        if gpus_of(group):
+            errors += _check_preemption_notice(pod, at)
         for gpu_container in pod.get("containers", []):
             res = gpu_container.get("resources", {})
             if res.get("limits", {}).get("nvidia.com/gpu") != res.get("requests", {}).get("nvidia.com/gpu"):
                 errors.append(f"{at}: nvidia.com/gpu requests and limits must be equal")
     return errors
+
+
+def _check_preemption_notice(pod: dict[str, Any], at: str) -> list[str]:
+    """A GPU (Train) pod that is evicted or reclaimed tells Ray before it dies, and lives long enough for the
+    stop checkpoint: a preStop hook that drains its node with a deadline and waits it out, inside the grace period."""
+    hooks = [" ".join(map(str, c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])))
+             for c in pod.get("containers", [])]
+    found = next((m for m in map(PREEMPTION_DRAIN.search, hooks) if m), None)
+    if found is None:
+        return [f"{at}: a Train worker container needs a preStop hook `ray drain-node --reason "
+                f"DRAIN_NODE_REASON_PREEMPTION --reason-message ... --deadline-remaining-seconds N && sleep N`, so an "
+                f"evicted pod lets Ray Train checkpoint before it dies (see ray_cluster.yaml)"]
+    deadline, wait = int(found.group(1)), int(found.group(2))
+    grace = pod.get("terminationGracePeriodSeconds", 30)  # Kubernetes' default
+    if wait < deadline or wait + RAY_STOP_MARGIN_S > grace:
+        return [f"{at}: the preStop hook must wait out its drain deadline ({deadline} s; it sleeps {wait} s) and leave "
+                f"Ray {RAY_STOP_MARGIN_S} s to stop within terminationGracePeriodSeconds ({grace}): set it to at least "
+                f"{max(deadline, wait) + RAY_STOP_MARGIN_S}"]
+    return []
 
 
 def _check_autoscaler(spec: dict[str, Any], where: str) -> list[str]:

@@ -33,12 +33,14 @@ from workflows.common.config import Config
 from workflows.common.errors import UserError
 from workflows.ops.k8s_checks import SUBMITTER_LABELS, gpus_of, load_documents, validate_manifest
 from workflows.ops.project import project_root
+from workflows.ops.stages import with_run_id
 
 STAGES = ("preprocess", "train", "eval")
 PATHS_ARE_REMOTE = True  # the jobs load the config in the cluster's image, where its paths resolve
 MAX_RAYJOB_NAME = 47  # KubeRay derives cluster and submitter names from it; longer names are rejected
 SUBMITTER_RESOURCES = {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "2Gi"}}
-# A retried RayJob brings up a fresh cluster; train resumes from its last checkpoint (same run key).
+# A retried RayJob brings up a fresh cluster and runs the same command: the train command carries the run id
+# (default: the RayJob's name), so the retry continues that run from its latest checkpoint, in the same MLflow run.
 BACKOFF_LIMIT = 2
 TTL_SECONDS_AFTER_FINISHED = 3600  # keep a finished cluster an hour for logs, then free the nodes
 # The Secret holding each stage's MLflow user (MLFLOW_TRACKING_USERNAME/PASSWORD); None: the stage never calls
@@ -58,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     render.add_argument("--schedule", default=None, metavar="CRON",
                         help="render a RayCronJob on this cron schedule instead (eval runs with --pending)")
     render.add_argument("--suspend", action="store_true", help="create the RayJob suspended (resume it later)")
+    render.add_argument("--run-id", default=None, metavar="ID",
+                        help="the train job's run id: its retries and re-applies continue that run (default: "
+                             "train.run_id, else the RayJob's name)")
     render.add_argument("--cluster", default=None,
                         help="RayCluster manifest whose spec the job's cluster copies "
                              "(default: the checkout's ray_cluster.yaml)")
@@ -79,7 +84,7 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
 
 def render_main(cfg: Config, args: argparse.Namespace) -> int:
     doc = render(cfg, args.config, args.stage, args.overrides, cluster_path=args.cluster,
-                 schedule=args.schedule, suspend=args.suspend)
+                 schedule=args.schedule, suspend=args.suspend, run_id=args.run_id)
     text = to_yaml(doc, _command_line(args))
     if args.output:
         Path(args.output).write_text(text)
@@ -92,15 +97,22 @@ def render_main(cfg: Config, args: argparse.Namespace) -> int:
 
 def render(cfg: Config, config_path: str | None, stage: str, overrides: list[str] | None = None, *,
            cluster_path: str | Path | None = None, schedule: str | None = None,
-           suspend: bool = False) -> dict[str, Any]:
+           suspend: bool = False, run_id: str | None = None) -> dict[str, Any]:
     """The validated RayJob / RayCronJob manifest for ``stage`` of the run ``cfg`` loaded from ``config_path``.
 
-    ``cluster_path`` defaults to the checkout's ``ray_cluster.yaml`` (see :func:`project_root`).
+    ``cluster_path`` defaults to the checkout's ``ray_cluster.yaml`` (see :func:`project_root`). The train
+    command carries the run id (``run_id``, else ``train.run_id``, else the job's name), so that every retry
+    and re-apply of the job continues one run.
     """
     if stage not in STAGES:
         raise UserError(f"--stage must be one of {list(STAGES)}, got {stage!r}")
+    if run_id and stage != "train":
+        raise UserError("--run-id only applies to --stage train")
     cluster_path = cluster_path or project_root() / "ray_cluster.yaml"
     extra = ["--pending"] if stage == "eval" else []  # evaluate every version still waiting for eval
+    if stage == "train":
+        run_id = with_run_id(cfg, run_id).train.run_id if run_id else cfg.train.run_id or job_name(cfg, stage)
+        extra = [] if run_id == cfg.train.run_id else ["--run-id", run_id]  # else the config carries it
     entrypoint = shlex.join(["clipflow", *stage_command(stage, project_relative(config_path), overrides, extra)])
     job_spec: dict[str, Any] = {
         "entrypoint": entrypoint,
@@ -257,6 +269,8 @@ def _command_line(args: argparse.Namespace) -> str:
         parts += ["--schedule", args.schedule]
     if args.suspend:
         parts.append("--suspend")
+    if args.run_id:
+        parts += ["--run-id", args.run_id]
     return shlex.join(parts)
 
 

@@ -66,7 +66,11 @@ class LocalMlflowServer:
                  "--artifacts-destination", str(self.root / "artifacts")],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        wait_http(f"{self.uri}/health", timeout=timeout, proc=self.proc)
+        try:
+            wait_http(f"{self.uri}/health", timeout=timeout, proc=self.proc)
+        except BaseException:  # a server that never became healthy is not left behind
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:

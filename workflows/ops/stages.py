@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workflows.common import storage
-from workflows.common.config import REGISTERED_MODEL_URI, Config
+from workflows.common.config import REGISTERED_MODEL_URI, Config, absolute_path
 from workflows.common.errors import EXIT_FAILED, EXIT_OK, UserError
 from workflows.common.log import get_logger
 
@@ -65,13 +65,25 @@ class Train:
         parser.add_argument("--resume-from", default=None, metavar="CHECKPOINT",
                             help="continue from this checkpoint directory (local or s3://); "
                                  "= --set train.resume_from=...")
+        parser.add_argument("--run-id", default=None, metavar="ID",
+                            help="the run's stable name: the same command with the same run id continues the run "
+                                 "from its latest checkpoint; = --set train.run_id=...")
 
     @staticmethod
     def main(cfg: Config, args: argparse.Namespace) -> int:
         if args.resume_from:
-            cfg = replace(cfg, train=replace(cfg.train, resume_from=args.resume_from))
+            cfg = replace(cfg, train=replace(cfg.train, resume_from=absolute_path(args.resume_from)))
+        if args.run_id:
+            cfg = with_run_id(cfg, args.run_id)
         print(format_train(train_with_tracking(cfg)))
         return EXIT_OK
+
+
+def with_run_id(cfg: Config, run_id: str) -> Config:
+    """``cfg`` with ``train.run_id`` set (``--run-id``), validated as a config value is."""
+    train = replace(cfg.train, run_id=run_id)
+    train.validate()
+    return replace(cfg, train=train)
 
 
 class Eval:
@@ -129,8 +141,9 @@ def train_with_tracking(cfg: Config) -> TrainResult:
     from workflows.tracking.client import TrainingTracking
     from workflows.train.driver import run_training
 
+    requested = cfg.model.pretrained  # what checkpoints record: a models:/ URI resolves to another path over time
     cfg = resolve_pretrained(cfg)  # first: the run's params record the checkpoint it starts from
-    return run_training(cfg, run_log=TrainingTracking.for_config(cfg))
+    return run_training(cfg, run_log=TrainingTracking.for_config(cfg), pretrained=requested)
 
 
 def resolve_pretrained(cfg: Config) -> Config:
@@ -210,6 +223,16 @@ def format_preprocess(result: PreprocessResult) -> str:
 
 
 def format_train(r: TrainResult) -> str:
+    if r.already_finished:
+        return "\n".join([
+            "", "=== clipflow train: summary ===",
+            f"run         {r.run_name} had already finished: nothing trained now",
+            f"trained     {r.steps} steps, {r.samples_seen} samples, final loss {r.final_loss:.4f}",
+            f"checkpoint  {r.checkpoint_uri}",
+            f"mlflow run  {r.mlflow_run_id or '(none)'}",
+            "next        raise train.max_steps (or train.epochs) to train it further, or choose another "
+            "train.run_id (--run-id) for a new run",
+        ])
     return "\n".join([
         "", "=== clipflow train: summary ===",
         f"run         {r.run_name} ({r.world_size} workers at the end)",

@@ -6,6 +6,9 @@ here, without rebuilding the image). ``--wait`` streams the job's logs and exits
 
     kubectl -n clipflow port-forward svc/clipflow-head-svc 8265:8265 &
     clipflow submit --address http://127.0.0.1:8265 --config configs/vit_b32_laion400m.yaml --stage train --wait
+
+A train job always runs with a run id (``--run-id``, ``train.run_id``, else a new one), printed with the
+command that submits it again: the same run id continues the run from its latest checkpoint.
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ from workflows.common.config import Config
 from workflows.common.errors import EXIT_FAILED, EXIT_OK, UserError
 from workflows.ops.k8s_render import project_relative, stage_command
 from workflows.ops.project import project_root
+from workflows.ops.stages import with_run_id
+from workflows.train.preemption import STOP_WAIT_S
 
+STOP_WAIT_ENV = "RAY_JOB_STOP_WAIT_TIME_S"  # read by Ray's job supervisor from the job's environment
 SUBMITTABLE = ("sample-data", "preprocess", "train", "eval")
 # Never uploaded: environments, local stores, VCS data and build leftovers (Ray also honours .gitignore).
 EXCLUDES = [".venv", ".clipflow", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache", "build", "dist"]
@@ -50,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="environment variable for the job, e.g. MLFLOW_TRACKING_URI=http://mlflow:5000")
     parser.add_argument("--submission-id", default=None, help="job id to use (default: clipflow-<run>-<stage>-<time>)")
+    parser.add_argument("--run-id", default=None, metavar="ID",
+                        help="with --stage train: the run to start or continue (default: train.run_id, else a new "
+                             "<name>-<time>-<hex>, printed with the command that continues it)")
     eval_group = parser.add_argument_group("eval options (with --stage eval)")
     which = eval_group.add_mutually_exclusive_group()
     which.add_argument("--pending", action="store_true", help="evaluate every version waiting for eval")
@@ -65,15 +74,21 @@ class JobRequest:
     runtime_env: dict[str, Any]
     submission_id: str
     metadata: dict[str, str]
+    run_id: str = ""  # the train job's run id ("" for other stages)
 
 
 def build_request(cfg: Config, args: argparse.Namespace) -> JobRequest:
     """The job for ``args.stage``; its working dir is the checkout you run from, uploaded as it is."""
     root = project_root()
     extra = _eval_args(args)
+    run_id = _run_id(cfg, args)
+    if run_id != cfg.train.run_id:  # else the config or a --set already carries it
+        extra += ["--run-id", run_id]
     config = project_relative(args.config)
     entrypoint = shlex.join(["clipflow", *stage_command(args.stage, config, args.overrides, extra)])
     env_vars = {"PYTHONUNBUFFERED": "1"}  # logs reach `--wait` as they are written
+    if args.stage == "train":  # `ray job stop` waits this long after SIGTERM (Ray: 3 s) for the stop checkpoint
+        env_vars[STOP_WAIT_ENV] = str(int(STOP_WAIT_S) + 30)
     for item in args.env:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -82,12 +97,39 @@ def build_request(cfg: Config, args: argparse.Namespace) -> JobRequest:
         env_vars[key] = value
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = "".join(c if c.isalnum() else "-" for c in cfg.name.lower())
+    metadata = {"clipflow.stage": args.stage, "clipflow.run": cfg.name, "clipflow.config": config or ""}
+    if run_id:
+        metadata["clipflow.run_id"] = run_id
     return JobRequest(
         entrypoint=entrypoint,
         runtime_env={"working_dir": str(root), "excludes": list(EXCLUDES), "env_vars": env_vars},
         submission_id=args.submission_id or f"clipflow-{run}-{args.stage}-{stamp}-{secrets.token_hex(2)}",
-        metadata={"clipflow.stage": args.stage, "clipflow.run": cfg.name, "clipflow.config": config or ""},
+        metadata=metadata, run_id=run_id,
     )
+
+
+def _run_id(cfg: Config, args: argparse.Namespace) -> str:
+    """The train job's run id: --run-id, else train.run_id, else a new one; "" for other stages."""
+    if args.stage != "train":
+        if args.run_id:
+            raise UserError("--run-id only applies to --stage train")
+        return ""
+    if args.run_id:
+        return with_run_id(cfg, args.run_id).train.run_id
+    if cfg.train.run_id:
+        return cfg.train.run_id
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.name).strip("-._")[:70] or "run"
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def resubmit_command(args: argparse.Namespace, run_id: str) -> str:
+    """The `clipflow submit` command that continues the run ``run_id`` (this one's arguments, with that run id)."""
+    argv = ["clipflow", "submit", "--address", args.address, "--stage", args.stage]
+    if args.config:
+        argv += ["--config", args.config]
+    argv += [a for item in args.overrides for a in ("--set", item)]
+    argv += [a for item in args.env for a in ("--env", item)]
+    return shlex.join([*argv, "--run-id", run_id])
 
 
 def refuse_credential(key: str, value: str) -> None:
@@ -119,6 +161,9 @@ def main(cfg: Config, args: argparse.Namespace) -> int:
     job_id = client.submit_job(entrypoint=request.entrypoint, runtime_env=request.runtime_env,
                                submission_id=request.submission_id, metadata=request.metadata)
     print(f"submitted {job_id}: {request.entrypoint}")
+    if request.run_id:
+        print(f"run id {request.run_id}: to continue this run after a stop or failure, submit it again with the "
+              f"same run id:\n  {resubmit_command(args, request.run_id)}")
     if not args.wait:
         print(f"follow it with: ray job logs --address {args.address} --follow {job_id}\n"
               f"dashboard:      {args.address.rstrip('/')}/#/jobs/{job_id}")

@@ -16,6 +16,12 @@ lease is renewed on a timer while the work runs (``kept_alive``), and never once
 renewing an expired claim would revive it over a job that has claimed the target since.
 The lock model doubles as an audit log of who evaluated what, visible in the MLflow UI.
 
+It stays a registered model, named after the one it serves and tagged ``clipflow.internal=true``,
+``clipflow.purpose=eval-claims`` and ``clipflow.claims_for=<name>``, with a description that says so. MLflow
+3.17 offers no other home with this guarantee: its tags have no compare-and-swap (last writer wins), and the
+only registered models its Models list hides are prompts (``mlflow.prompt.is_prompt``), which would file
+the claims under Prompts and let the prompt APIs treat them as prompts.
+
 What a claim protects is the caller's business: ``workflows.tracking.registry`` claims versions for
 eval and takes the ``promote`` target around alias moves.
 """
@@ -39,6 +45,11 @@ from workflows.common.log import get_logger
 
 CLAIMS_SUFFIX = "-eval-claims"
 log = get_logger(__name__)
+
+
+def lock_model_tags(name: str) -> dict[str, str]:
+    """What marks ``name``'s lock model as clipflow's internal claims record (see the module docstring)."""
+    return {"clipflow.internal": "true", "clipflow.purpose": "eval-claims", "clipflow.claims_for": name}
 
 
 class LeaseLost(Exception):
@@ -65,9 +76,11 @@ def claimant_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-def ensure_registered_model(client: MlflowClient, name: str, description: str = "") -> None:
+def ensure_registered_model(client: MlflowClient, name: str, description: str = "",
+                            tags: dict[str, str] | None = None) -> None:
+    """Create the registered model unless it exists (``tags`` and ``description`` are set at creation only)."""
     try:
-        client.create_registered_model(name, description=description or None)
+        client.create_registered_model(name, tags=tags, description=description or None)
     except MlflowException as exc:
         if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
@@ -120,8 +133,10 @@ def try_claim(client: MlflowClient, name: str, target: str, source_version: str,
               lease_seconds: float) -> Claim | None:
     """Create a claim on ``target`` and return it if it is the lowest live one, else mark it lost."""
     lock_model = name + CLAIMS_SUFFIX
-    ensure_registered_model(client, lock_model, f"Claim records of `clipflow eval` jobs on {name!r} versions "
-                                                f"(one version per attempt; see workflows/tracking/claims.py).")
+    ensure_registered_model(client, lock_model, f"Internal to clipflow, not a model: the claim records of "
+                                                f"`clipflow eval` jobs on {name!r} versions (one version per "
+                                                f"attempt; see workflows/tracking/claims.py). Do not serve or "
+                                                f"delete it while eval jobs run.", tags=lock_model_tags(name))
     expiry = lease_until(lease_seconds)
     mv = client.create_model_version(
         lock_model, source=f"models:/{name}/{source_version}",

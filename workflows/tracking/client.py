@@ -1,10 +1,11 @@
 """MLflow tracking of a training run from rank 0 (Ray Train V2 rejects Ray's MLflow callback).
 
 One MLflow run per training run, found again by its ``clipflow.run_key`` tag, so a worker group
-restarted after a failure continues the same run instead of opening a duplicate. On creation the run
-gets the flattened resolved config as params, tags (code version, Ray cluster size, data manifest
-hash, tokenizer id) and artifacts (resolved config YAML, data manifest, tokenizer files). Credentials in
-any URI (``https://user:pass@host``) are scrubbed from what is logged (``scrub_uri``).
+restarted after a failure, or a new driver of the same run id, continues the same run instead of opening
+a duplicate. On creation the run gets the flattened resolved config as params, tags (code version, Ray
+cluster size, data manifest hash, tokenizer id) and artifacts (resolved config YAML, data manifest,
+tokenizer files). Credentials in any URI (``https://user:pass@host``) are scrubbed from what is logged
+(``scrub_uri``).
 
 Tracking must never kill or stall training. The training thread only queues: ``Tracker.log_metrics``
 and ``publish_checkpoint`` return at once, and one delivery thread sends everything (``Delivery``). When
@@ -20,12 +21,25 @@ the same run delivers it too. Runs end FINISHED, FAILED or KILLED: rank 0 ends i
 (``TrainingTracking.end``) ends one whose workers died without saying so. Checkpoint publication is
 ``workflows.tracking.publisher``; its versions stay one per checkpoint however late they are delivered.
 
+One history however often the run restarts. A restarted worker group re-trains the steps since its checkpoint:
+their points are not sent again, because the delivery drops a point of a metric at or below the highest step
+the run already has of that metric (read from the server when the run opens, then advanced by every point it
+sends, spooled ones first, as they are older). Exempt are the group-start metrics (``GROUP_METRICS``), one
+point each per worker group at the step it starts from: ``world_size``, ``group_starts`` (1 for the run's
+first group, +1 for each later one, counted on from what the run has, across drivers) and
+``resumed_from_step`` (only when the group restored a checkpoint). Each driver attempt has an id
+(``TrainingTracking.attempt``); a group of a new attempt counts it in the tag ``clipflow.driver_attempts``
+and records how the previous one ended in ``clipflow.previous_attempt_end``: its status, or ``lost`` when it
+left the run RUNNING (its driver died without ending it).
+
 In the MLflow UI the experiment ``mlflow.experiment`` holds one run per training run (named by its run
 key): charts of loss, lr, temperature, samples_per_second, mfu, data_wait_fraction, peak_memory_gib
 (and ``system/*`` CPU/memory/disk/network/GPU when psutil is installed) against the training step;
+charts of ``world_size``, ``group_starts`` and ``resumed_from_step`` show the run's worker groups over time;
 the Parameters table is the resolved config (``train.lr``, ``model.name``, ...); tags
-``clipflow.code_version``, ``clipflow.ray_nodes/_cpus/_gpus``, ``clipflow.world_size``,
-``clipflow.data_manifest_hash``, ``clipflow.tokenizer``; artifacts ``config.yaml``,
+``clipflow.code_version``, ``clipflow.ray_nodes/_cpus/_gpus`` (the cluster when the latest group started:
+current state, so a tag), ``clipflow.data_manifest_hash``, ``clipflow.tokenizer``, ``clipflow.driver_attempt``,
+``clipflow.driver_attempts``, ``clipflow.previous_attempt_end``; artifacts ``config.yaml``,
 ``data/manifest.json``, ``tokenizer/`` and the ``clip`` pyfunc model of each published checkpoint.
 """
 
@@ -40,7 +54,8 @@ import re
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, replace
+import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,12 +70,18 @@ from workflows.common.config import Config, dump_config, flatten_config, load_co
 from workflows.common.errors import UserError
 from workflows.common.runtime import set_env_defaults
 from workflows.tracking.publisher import Publication, Publisher
-from workflows.tracking.spool import Spool, SpoolContents
+from workflows.tracking.spool import GroupStart, Spool, SpoolContents
 
 log = logging.getLogger("clipflow.tracking")
 
 RUN_KEY_TAG = "clipflow.run_key"
 SETUP_TAG = "clipflow.setup_complete"  # params + artifacts logged
+ATTEMPT_TAG = "clipflow.driver_attempt"  # the id of the driver attempt whose worker groups run it now
+ATTEMPTS_TAG = "clipflow.driver_attempts"  # how many driver attempts ran it
+PREVIOUS_END_TAG = "clipflow.previous_attempt_end"  # how the previous attempt ended: its status, or LOST
+LOST = "lost"  # the previous driver attempt left the run RUNNING: it died without ending it
+WORLD_SIZE, GROUP_STARTS, RESUMED_FROM = "world_size", "group_starts", "resumed_from_step"
+GROUP_METRICS = frozenset({WORLD_SIZE, GROUP_STARTS, RESUMED_FROM})  # once per worker group, never filtered
 # What an unreachable, restarting or erroring tracking server raises (MLflow wraps HTTP failures in
 # MlflowException; artifact uploads may surface requests/OS errors directly).
 TRACKING_ERRORS = (MlflowException, requests.RequestException, OSError)
@@ -124,15 +145,21 @@ def client_for(cfg: Config) -> MlflowClient:
     return MlflowClient(tracking_uri(cfg))
 
 
+# MLflow 3's experiment kind (the UI's "Experiment type" selector writes the same tag): clipflow's experiments
+# hold model-training and eval runs, not GenAI traces.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def get_or_create_experiment(client: MlflowClient, name: str) -> str:
-    """The experiment's id, creating it (race-safe: a concurrent creator wins, we read theirs)."""
+    """The experiment's id, creating it as a model-training experiment (race-safe: a concurrent creator wins,
+    we read theirs). An existing experiment's kind is left as it is: the user may have chosen another."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
             client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
@@ -248,27 +275,45 @@ class Resilient:
 # ---- the run: setup and system metrics ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class OpenedRun:
+    """The run of a run key as its delivery found or created it ("" run id: absent and not created)."""
+
+    run_id: str = ""
+    status: str = ""
+    last_steps: dict[str, int] = field(default_factory=dict)  # metric -> the highest step the run has of it
+    group_starts: int = 0  # the worker groups it recorded (its highest ``group_starts``)
+
+
 def open_run(client: MlflowClient, cfg: Config, run_key: str, tags: dict[str, str], *, resume: bool,
-             create: bool) -> tuple[str, str]:
-    """(run id, status) of the run of ``run_key``: found (a restarted worker group continues it: ``resume``
-    marks it RUNNING again) or, if ``create``, created; ("", "") when absent and not created. Once per run,
-    params and artifacts are logged, marked done by a tag so a setup cut short by an outage is redone."""
+             create: bool, attempt: str = "") -> OpenedRun:
+    """The run of ``run_key``: found (a restarted worker group continues it: ``resume`` marks it RUNNING again)
+    or, if ``create``, created. ``attempt``: the driver attempt of the group opening it (see ``attempt_tags``).
+    Once per run, params and artifacts are logged, marked done by a tag so a setup cut short by an outage is
+    redone."""
     experiment_id = get_or_create_experiment(client, cfg.mlflow.experiment)
     found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
                                max_results=1, order_by=["attributes.start_time ASC"])
     tags = {**ray_cluster_tags(), **tags}  # may differ after an elastic restart: refreshed
     if found:
-        run_id, status, set_up = found[0].info.run_id, found[0].info.status, found[0].data.tags.get(SETUP_TAG) == "true"
+        run = found[0]
+        run_id, status, set_up = run.info.run_id, run.info.status, run.data.tags.get(SETUP_TAG) == "true"
+        # A run's latest metrics carry the highest step of each metric (MLflow orders them by step first).
+        opened = OpenedRun(run_id, status, {m.key: m.step for m in run.data.to_proto().metrics},
+                           _group_starts(client, run_id) if GROUP_STARTS in run.data.metrics else 0)
         if resume:
+            tags.update(attempt_tags(run.data.tags, status, attempt, run_key))
             client.update_run(run_id, status="RUNNING")
-            status = "RUNNING"
+            opened = replace(opened, status="RUNNING")
             client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
             log.info("MLflow: continuing run %s (%s)", run_id, run_key)
     elif create:
-        run_id, status, set_up = client.create_run(experiment_id, run_name=run_key,
-                                                   tags={RUN_KEY_TAG: run_key, **tags}).info.run_id, "RUNNING", False
+        first = {ATTEMPT_TAG: attempt, ATTEMPTS_TAG: "1"} if attempt else {}
+        run_id, set_up = client.create_run(experiment_id, run_name=run_key,
+                                           tags={RUN_KEY_TAG: run_key, **tags, **first}).info.run_id, False
+        opened = OpenedRun(run_id, "RUNNING")
     else:
-        return "", ""
+        return OpenedRun()
     if not set_up:
         public = public_config(cfg)
         manifest = _read_manifest(cfg)
@@ -281,7 +326,26 @@ def open_run(client: MlflowClient, cfg: Config, run_key: str, tags: dict[str, st
             client.log_batch(run_id, params=params[i:i + PARAMS_PER_BATCH])
         _log_run_artifacts(client, cfg, public, run_id, manifest)
         client.set_tag(run_id, SETUP_TAG, "true")
-    return run_id, status
+    return opened
+
+
+def _group_starts(client: MlflowClient, run_id: str) -> int:
+    """The run's highest ``group_starts`` (its history is short: a point per worker group)."""
+    return int(max((m.value for m in client.get_metric_history(run_id, GROUP_STARTS)), default=0))
+
+
+def attempt_tags(run_tags: dict[str, str], status: str, attempt: str, run_key: str) -> dict[str, str]:
+    """The tags a group of driver attempt ``attempt`` adds to a run it finds with ``run_tags`` and ``status``:
+    none when a group of the same attempt ran it before (a restarted group); else the attempt is counted and
+    the previous one's end recorded (``LOST`` when it left the run RUNNING: its driver died)."""
+    if not attempt or run_tags.get(ATTEMPT_TAG) == attempt:
+        return {}
+    recorded = run_tags.get(ATTEMPTS_TAG, "")
+    count = (int(recorded) if recorded.isdigit() else 1) + 1
+    previous = LOST if status == "RUNNING" else status
+    log.info("MLflow: run %s: driver attempt %d; the previous attempt ended %s%s", run_key, count, previous,
+             " (its driver died without ending the run)" if previous == LOST else "")
+    return {ATTEMPT_TAG: attempt, ATTEMPTS_TAG: str(count), PREVIOUS_END_TAG: previous}
 
 
 def _read_manifest(cfg: Config) -> DataManifest | None:
@@ -350,15 +414,15 @@ class Delivery:
     the driver ending a run, and `clipflow sync` all go through ``deliver`` and ``save``.
 
     ``changed`` guards the pending state (the training thread adds, the delivery thread takes) and is
-    notified whenever something was delivered. ``resume``/``create``: see ``open_run``.
+    notified whenever something was delivered. ``resume``/``create``/``attempt``: see ``open_run``.
     """
 
     def __init__(self, cfg: Config, run_key: str, tags: dict[str, str], *, resume: bool, create: bool,
-                 system_metrics: bool = False) -> None:
+                 system_metrics: bool = False, attempt: str = "") -> None:
         self.cfg = cfg
         self.run_key = run_key
         self.tags = dict(tags)
-        self.resume, self.create = resume, create
+        self.resume, self.create, self.attempt = resume, create, attempt
         self.client = client_for(cfg)
         self.spool = Spool.for_run(cfg.storage.path, run_key, cfg.storage.s3_endpoint)
         self.system = SystemMetrics(system_metrics, self.client.tracking_uri)
@@ -369,10 +433,14 @@ class Delivery:
         self.run_id = ""
         self.run_status = ""
         self.dropped = 0  # metric points pushed out of a full buffer
+        self.relogged = 0  # points not sent: the run already has that metric at that step or later
         self.end = ""  # the status to end the run with, once set
         self.ended = False
         self._metrics: collections.deque[Metric] = collections.deque()
         self._in_hand: list[Metric] = []  # the batch being sent (still pending until the server took it)
+        self._last_steps: dict[str, int] = {}  # metric -> highest step the run has or is sent (once open)
+        self._group_starts: list[GroupStart] = []  # not numbered yet: the run is not open
+        self._starts_counted = 0  # the run's group starts, this delivery's numbered ones included
         self._artifacts: list[tuple[str, str | None]] = []
         self._spool_lock = threading.Lock()
         self._spooled = False  # a spool exists that this delivery wrote or read
@@ -389,6 +457,11 @@ class Delivery:
                 self._metrics.popleft()
                 self.dropped += 1
             self._metrics.append(metric)
+            self.changed.notify_all()
+
+    def add_group_start(self, start: GroupStart) -> None:
+        with self.changed:
+            self._group_starts.append(start)
             self.changed.notify_all()
 
     def add_artifact(self, local_path: str, artifact_path: str | None) -> None:
@@ -413,6 +486,7 @@ class Delivery:
         with self.changed:
             self._spooled = True
             self._metrics.extendleft(reversed(contents.metrics))
+            self._group_starts[:0] = contents.group_starts
             self._artifacts[:0] = contents.artifacts
             self.publisher.restore(contents.publications)
             if with_end and contents.end:
@@ -430,18 +504,22 @@ class Delivery:
     @property
     def buffered(self) -> int:
         with self.changed:
-            return len(self._metrics) + len(self._in_hand)
+            return self._points()
 
     def counts(self) -> tuple[int, int, int]:
         """Pending (metric points, checkpoint registrations, artifacts)."""
         with self.changed:
-            return len(self._metrics) + len(self._in_hand), len(self.publisher.pending()), len(self._artifacts)
+            return self._points(), len(self.publisher.pending()), len(self._artifacts)
+
+    def _points(self) -> int:
+        return (len(self._metrics) + len(self._in_hand)
+                + sum(len(_group_metrics(start, 0)) for start in self._group_starts))
 
     def urgent(self) -> bool:
         """Something to send now (queued publications wait for their upload: polled, not urgent)."""
         with self.changed:
             return bool((not self.run_id and self.create) or self._metrics or self._in_hand or self._artifacts
-                        or (self.end and not self.ended))
+                        or (self.run_id and self._group_starts) or (self.end and not self.ended))
 
     def finished(self) -> bool:
         points, registrations, artifacts = self.counts()
@@ -457,6 +535,7 @@ class Delivery:
                 return False
             if not self.run_id:  # absent and not to be created: nothing here to deliver to
                 return True
+        self._number_group_starts()
         while batch := self._take_batch():
             if not self.calls.call(lambda: self.client.log_batch(self.run_id, metrics=batch, synchronous=True)):
                 return False
@@ -486,14 +565,43 @@ class Delivery:
         return True
 
     def _take_batch(self) -> list[Metric]:
+        """The next batch to send, without the points the run already has (see the module docstring)."""
         with self.changed:
-            if not self._in_hand:
-                self._in_hand = [self._metrics.popleft() for _ in range(min(METRICS_PER_BATCH, len(self._metrics)))]
+            while not self._in_hand and self._metrics:
+                for _ in range(min(METRICS_PER_BATCH, len(self._metrics))):
+                    metric = self._metrics.popleft()
+                    last = self._last_steps.get(metric.key)
+                    if metric.key in GROUP_METRICS or last is None or metric.step > last:
+                        self._last_steps[metric.key] = metric.step if last is None else max(last, metric.step)
+                        self._in_hand.append(metric)
+                        continue
+                    if not self.relogged:
+                        log.info("MLflow: run %s already has %s up to step %d: points at or below the steps it has "
+                                 "(re-trained after a restart) are not logged again", self.run_key, metric.key, last)
+                    self.relogged += 1
             return list(self._in_hand)
 
+    def _number_group_starts(self) -> None:
+        """Pending group starts become points, numbered on from the run's group starts (those on the server,
+        and those already numbered but still pending, from a spool)."""
+        with self.changed:
+            if not self._group_starts:
+                return
+            queued = [m.value for m in (*self._in_hand, *self._metrics) if m.key == GROUP_STARTS]
+            count = int(max([self._starts_counted, *queued]))
+            for start in self._group_starts:
+                count += 1
+                self._metrics.extend(_group_metrics(start, count))
+                log.info("MLflow: run %s: worker group %d, %d workers, from step %d%s", self.run_key, count,
+                         start.world_size, start.step, " (restored)" if start.restored else "")
+            self._starts_counted, self._group_starts = count, []
+
     def _open(self) -> None:
-        self.run_id, self.run_status = open_run(self.client, self.cfg, self.run_key, self.tags, resume=self.resume,
-                                                create=self.create)
+        opened = open_run(self.client, self.cfg, self.run_key, self.tags, resume=self.resume, create=self.create,
+                          attempt=self.attempt)
+        with self.changed:
+            self.run_id, self.run_status = opened.run_id, opened.status
+            self._last_steps, self._starts_counted = dict(opened.last_steps), opened.group_starts
         if self.run_id:
             self.system.start(self.run_id)
 
@@ -513,9 +621,11 @@ class Delivery:
             with self.changed:
                 contents = SpoolContents(
                     run_key=self.run_key, tracking_uri=self.recorded_uri, run_id=self.run_id,
-                    tags=self.tags, metrics=[*self._in_hand, *self._metrics], artifacts=list(self._artifacts),
-                    publications=self.publisher.pending(), end="" if self.ended else self.end)
-            empty = not (contents.metrics or contents.artifacts or contents.publications or contents.end)
+                    tags=self.tags, metrics=[*self._in_hand, *self._metrics], group_starts=list(self._group_starts),
+                    artifacts=list(self._artifacts), publications=self.publisher.pending(),
+                    end="" if self.ended else self.end)
+            empty = not (contents.metrics or contents.group_starts or contents.artifacts or contents.publications
+                         or contents.end)
             if empty and not self._spooled:
                 return True
             try:
@@ -542,20 +652,29 @@ class Delivery:
                 f"{why}; deliver them with `clipflow sync {self.spool.directory}`")
 
 
+def _group_metrics(start: GroupStart, number: int) -> list[Metric]:
+    """The points of the ``number``-th worker group's start."""
+    points = {WORLD_SIZE: start.world_size, GROUP_STARTS: number}
+    if start.restored:
+        points[RESUMED_FROM] = start.step
+    return [Metric(key, float(value), start.timestamp, start.step) for key, value in points.items()]
+
+
 # ---- the rank-0 tracker ------------------------------------------------------------------------------
 
 
 class Tracker:
-    """Rank 0's window on MLflow: ``log_metrics``, ``log_artifact``, ``publish_checkpoint``, ``close``. Every
-    call returns without waiting on the server (``publish_checkpoint(final=True)`` and ``close`` wait, for
-    at most ``mlflow.close_timeout_seconds``); a daemon thread delivers."""
+    """Rank 0's window on MLflow: ``log_metrics``, ``log_group_start``, ``log_artifact``, ``publish_checkpoint``,
+    ``close``. Every call returns without waiting on the server (``publish_checkpoint(final=True)`` and ``close``
+    wait, for at most ``mlflow.close_timeout_seconds``); a daemon thread delivers. ``attempt``: the driver attempt
+    (see ``open_run``); "" outside training."""
 
-    def __init__(self, cfg: Config, run_key: str, tags: dict[str, str] | None = None) -> None:
+    def __init__(self, cfg: Config, run_key: str, tags: dict[str, str] | None = None, attempt: str = "") -> None:
         set_env_defaults("tracking")
         self.cfg = cfg
         self.run_key = run_key
         self._delivery = Delivery(cfg, run_key, tags or {}, resume=True, create=True,
-                                  system_metrics=cfg.mlflow.system_metrics)
+                                  system_metrics=cfg.mlflow.system_metrics, attempt=attempt)
         self._rejected = 0  # refused before queueing (names too long, missing files)
         self._closing = self._finished = self._abandoned = False
         self._deadline: float | None = None
@@ -594,6 +713,11 @@ class Tracker:
                 log.warning("MLflow: metric name %r is longer than %d characters; not logged", key, MAX_KEY_CHARS)
                 continue
             self._delivery.add_metric(Metric(name, float(value), now, int(step)))
+
+    def log_group_start(self, world_size: int, step: int, restored: bool) -> None:
+        """A worker group starts training at ``step`` (``restored``: from its checkpoint): the points
+        ``world_size``, ``group_starts`` and (restored) ``resumed_from_step`` at that step, once the run is open."""
+        self._delivery.add_group_start(GroupStart(int(step), int(world_size), bool(restored), int(time.time() * 1000)))
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         """Upload a local file or directory (it must stay in place until sent: uploads may be deferred)."""
@@ -683,9 +807,11 @@ class Tracker:
 class TrainingTracking:
     """The training run's MLflow run, as ``run_training(cfg, run_log=...)`` takes it: built on the driver,
     where the tracking URI is resolved once (workers must log where the driver and the user will look),
-    then called on rank 0 of every worker group to open (or find again) the run."""
+    then called on rank 0 of every worker group to open (or find again) the run. ``attempt`` names this
+    driver attempt, so a group can tell a restart within it from a new driver of the same run id."""
 
     cfg: Config
+    attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     @classmethod
     def for_config(cls, cfg: Config) -> "TrainingTracking":
@@ -694,14 +820,16 @@ class TrainingTracking:
         check_credentials(cfg.mlflow.tracking_uri)
         return cls(cfg)
 
-    def __call__(self, setup: Any, world_size: int) -> Tracker:
+    def __call__(self, setup: Any) -> Tracker:
         """``setup`` is the training's ``RunSetup`` (run name, data manifest hash)."""
-        return Tracker(self.cfg, run_key=setup.run_name, tags={**self._tags(setup),
-                                                               "clipflow.world_size": str(world_size)})
+        return Tracker(self.cfg, run_key=setup.run_name, tags=self._tags(setup), attempt=self.attempt)
 
     def end(self, setup: Any, status: str) -> str:
         """On the driver, after the worker groups: end the run as ``status`` unless rank 0 did (its workers
-        died, or Ctrl-C), delivering what it left in the spool; returns the run id ("" when unknown)."""
+        died, Ctrl-C, SIGTERM), delivering what it left in the spool; returns the run id ("" when unknown).
+        Done within ``mlflow.close_timeout_seconds`` whatever the server does (a signal handler calls it inside
+        a grace period): a hung request is left behind on a daemon thread, and what it did not deliver stays
+        in the spool for the next attempt or `clipflow sync`."""
         set_env_defaults("tracking")
         delivery = Delivery(self.cfg, setup.run_name, self._tags(setup), resume=False, create=False)
         spooled = delivery.load_spool(with_end=True)
@@ -709,12 +837,20 @@ class TrainingTracking:
             return spooled.run_id  # rank 0 closed the run and said how to deliver the rest
         delivery.end, delivery.create = status, spooled is not None
         delivery.publisher.seal()
-        if delivery.deliver():
+        outcome: list[bool] = []
+        sender = threading.Thread(target=lambda: outcome.append(delivery.deliver()), name="clipflow-mlflow-end",
+                                  daemon=True)
+        sender.start()
+        sender.join(timeout=self.cfg.mlflow.close_timeout_seconds)
+        if outcome == [True]:
             delivery.save(last=True)
             return delivery.run_id
+        why = (f"the server at {delivery.calls.uri} is unreachable" if outcome else
+               f"the server at {delivery.calls.uri} did not answer within {self.cfg.mlflow.close_timeout_seconds:g} s "
+               f"(mlflow.close_timeout_seconds)")
         if delivery.save(last=True):
-            log.warning(delivery.pending_line(f"the server at {delivery.calls.uri} is unreachable"))
-        return spooled.run_id if spooled else ""
+            log.warning(delivery.pending_line(why))
+        return delivery.run_id or (spooled.run_id if spooled else "")
 
     @staticmethod
     def _tags(setup: Any) -> dict[str, str]:

@@ -6,6 +6,11 @@ file listed in its ``checkpoint.json`` exists. Publications go one at a time and
 thread (the Tracker's delivery thread, or `clipflow sync`), so training never waits for an upload or a
 registration. Publishing twice is harmless: the registry finds the version of (run, step) it already made,
 so a publication spooled during an outage and delivered late still gives exactly one version.
+
+The queue lives in rank 0's memory (and in the spool during an outage only): a worker group torn down (a lost
+node, a resize, a killed driver) loses what it had queued. So a group that restores a checkpoint queues every
+kept checkpoint that was due again (``workflows.train.loop.publish_kept``); those already registered are
+found and skipped, the others get their version now.
 """
 
 from __future__ import annotations
@@ -91,6 +96,10 @@ class Publisher:
 
         uri, step, samples_seen, final = publication
         endpoint = self.cfg.storage.s3_endpoint
+        existing = registry.find_published(client, self.cfg.mlflow.registered_model, run_id, step)
+        if existing is not None:  # queued again after a restore (see the module docstring): nothing to do
+            self.published[uri] = existing.version
+            return
         # registry.log_pyfunc logs the model through MLflow's fluent API, which reads the process-wide URI.
         previous_uri = mlflow.get_tracking_uri()
         mlflow.set_tracking_uri(client.tracking_uri)

@@ -1,18 +1,22 @@
 """The MLflow Model Registry side of clipflow: publishing checkpoints, claiming versions for eval, aliases.
 
-**A version is self-contained.** Publishing logs the checkpoint directory as an MLflow ``pyfunc``
-model (``workflows.tracking.serving.ClipPyfunc``, logged as code through ``serving_model.py``, never pickled;
-the checkpoint is its ``checkpoint`` artifact, clip_core is shipped in its ``code_paths``) and
-registers that logged model (``models:/m-<id>``) as the version's source. So
-``mlflow models serve -m models:/<name>/<version>`` serves it, and the eval job loads the checkpoint
-from the source alone (``download_checkpoint``) even after Ray Train has rotated the
+**A version is self-contained and lean.** Publishing logs the checkpoint's weights-only export
+(``clip_core.checkpoint.export_weights``: weights, config, tokenizer; no optimizer or trainer state, which
+stay in storage for resuming) as an MLflow ``pyfunc`` model (``workflows.tracking.serving.ClipPyfunc``,
+logged as code through ``serving_model.py``, never pickled; the export is its ``checkpoint`` artifact,
+clip_core is shipped in its ``code_paths``) and registers that logged model (``models:/m-<id>``) as the
+version's source. So ``mlflow models serve -m models:/<name>/<version>`` serves it, and the eval job loads
+the checkpoint from the source alone (``download_checkpoint``) even after Ray Train has rotated the
 original checkpoint away (``train.keep_checkpoints``) -- a version pointing at the training
 checkpoint directory would dangle, and the tracking server refuses local-path sources anyway.
-The original location is kept in the ``checkpoint_uri`` tag.
+The original location is kept in the ``checkpoint_uri`` tag. The logged model belongs to the training
+run's experiment (its Models tab; the run page's "Logged models").
 
 **Version tags**: ``run_id``, ``step``, ``samples_seen``, ``checkpoint_uri``, ``data_manifest``,
-``tokenizer_id``, ``eval_status`` (pending -> running -> done | failed), ``eval_claimant``,
-``eval_lease_expiry``, ``eval_reason`` (why it failed), ``eval_run_id`` and ``eval.<dataset>/<metric>``.
+``tokenizer_id``, ``model_name``, ``eval_status`` (pending -> running -> done | failed), ``eval_claimant``,
+``eval_lease_expiry``, ``eval_reason`` (why it failed) and ``eval_run_id``. Eval results are not tags: they
+are the eval run's metrics, logged with the version's ``model_id``, so they are also the logged model's
+metrics (the experiment's Models tab ranks checkpoints by them; ``evaluated_metric`` reads one back).
 
 **Claims** (``workflows.tracking.claims``): an eval job claims a version before evaluating it, so
 concurrent jobs never evaluate the same one. Because a finished job marks the version ``done`` *before*
@@ -30,7 +34,6 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
@@ -38,7 +41,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 import clip_core
-from clip_core import CheckpointError, load_checkpoint
+from clip_core import CheckpointError
+from clip_core.checkpoint import export_weights, verify_checkpoint
 from workflows.artifacts import CheckpointInfo, TrainerState
 from workflows.common import storage
 from workflows.common.errors import UserError
@@ -54,7 +58,8 @@ warnings.filterwarnings("ignore", message=r".*An input example was not provided 
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"
 STATUS, CLAIMANT, LEASE, REASON = "eval_status", "eval_claimant", "eval_lease_expiry", "eval_reason"
-EVAL_RUN, SUMMARY_PREFIX = "eval_run_id", "eval."
+EVAL_RUN = "eval_run_id"
+LEGACY_RESULT_PREFIX = "eval."  # results were version tags before they were the logged model's metrics
 LATEST_ALIAS, CHAMPION_ALIAS = "latest-evaluated", "champion"
 PYFUNC_NAME = "clip"
 CHECKPOINT_WAIT_S = 60.0  # how long publishing waits for a listed checkpoint to verify (the Tracker waits for
@@ -69,7 +74,7 @@ def stage_checkpoint(uri: str, endpoint: str, dest: Path, wait_s: float = CHECKP
     """A verified local copy of the checkpoint at ``uri`` in ``dest/checkpoint``.
 
     Training uploads checkpoints asynchronously, so the directory may still be filling up when it is
-    published: retry until every file matches its file list (clip_core verifies the hashes).
+    published: retry until every file matches its file list (clip_core verifies the hashes and shapes).
     """
     target = dest / "checkpoint"
     deadline = time.monotonic() + wait_s
@@ -79,7 +84,7 @@ def stage_checkpoint(uri: str, endpoint: str, dest: Path, wait_s: float = CHECKP
         shutil.rmtree(target, ignore_errors=True)
         storage.download_tree(uri, target, endpoint)
         try:
-            load_checkpoint(target)
+            verify_checkpoint(target)
             return target
         except CheckpointError:
             if time.monotonic() > deadline:
@@ -112,17 +117,26 @@ def _serving_code(tmp: Path) -> list[str]:
     return [str(core), str(package)]
 
 
-def log_pyfunc(checkpoint_dir: Path, run_id: str, templates: list[str]):
-    """Log a checkpoint directory as the ``clip`` pyfunc model of ``run_id``; returns mlflow's ModelInfo."""
+def log_pyfunc(client: MlflowClient, checkpoint_dir: Path, run_id: str, step: int, templates: list[str]):
+    """Log a checkpoint directory as the ``clip`` pyfunc model of ``run_id`` (its output at ``step``), in the
+    run's experiment; returns mlflow's ModelInfo.
+
+    The logged model is created here, in the run's experiment, and handed to ``Model.log``: left to itself,
+    MLflow 3.17 puts a model logged with ``run_id`` but no active run into the process's current experiment
+    (the Default one, 0), so the run page would show "Logged models (0)".
+    """
     import mlflow.pyfunc
     from mlflow.models import Model
 
     from workflows.tracking import serving
 
+    run = client.get_run(run_id)
+    model = client.create_logged_model(run.info.experiment_id, name=PYFUNC_NAME, source_run_id=run_id,
+                                       params=run.data.params)
     with tempfile.TemporaryDirectory(prefix="clipflow-pyfunc-") as tmp:
         return Model.log(
-            artifact_path=None, name=PYFUNC_NAME, flavor=mlflow.pyfunc, run_id=run_id,
-            python_model=str(Path(serving.__file__).with_name("serving_model.py")),
+            artifact_path=None, name=PYFUNC_NAME, flavor=mlflow.pyfunc, run_id=run_id, model_id=model.model_id,
+            step=step, python_model=str(Path(serving.__file__).with_name("serving_model.py")),
             model_config={"templates": templates}, artifacts={serving.CHECKPOINT_ARTIFACT: str(checkpoint_dir)},
             code_paths=_serving_code(Path(tmp)), pip_requirements=_pip_requirements(),
             signature=serving.signature(),
@@ -139,7 +153,10 @@ def find_published(client: MlflowClient, name: str, run_id: str, step: int) -> M
 def publish_checkpoint(client: MlflowClient, *, name: str, run_id: str, checkpoint_uri: str, step: int,
                        samples_seen: int, templates: list[str], endpoint: str = "",
                        data_manifest: str = "") -> ModelVersion:
-    """Register the checkpoint at ``checkpoint_uri`` as a new version of ``name``, eval_status pending."""
+    """Register the weights of the checkpoint at ``checkpoint_uri`` as a new version of ``name``, eval_status
+    pending."""
+    from workflows.tracking.serving import CHECKPOINT_ARTIFACT
+
     existing = find_published(client, name, run_id, step)
     if existing is not None:
         return existing
@@ -147,12 +164,14 @@ def publish_checkpoint(client: MlflowClient, *, name: str, run_id: str, checkpoi
                                           "evaluated by `clipflow eval --pending`.")
     with tempfile.TemporaryDirectory(prefix="clipflow-publish-") as tmp:
         local = stage_checkpoint(checkpoint_uri, endpoint, Path(tmp))
-        meta = load_checkpoint(local)
-        info = log_pyfunc(local, run_id, templates)
+        meta = CheckpointInfo.read(str(local))
+        # the artifact is named after its directory: the export's must be the serving CHECKPOINT_ARTIFACT
+        lean = export_weights(local, Path(tmp) / "export" / CHECKPOINT_ARTIFACT)
+        info = log_pyfunc(client, lean, run_id, step, templates)
     tags = {
         "run_id": run_id, "step": str(step), "samples_seen": str(samples_seen), "checkpoint_uri": checkpoint_uri,
-        "data_manifest": data_manifest or TrainerState.from_dict(meta.trainer_state).data_manifest_hash,
-        "tokenizer_id": meta.tokenizer.id, "model_name": meta.model.config.name, STATUS: PENDING,
+        "data_manifest": data_manifest or (meta.trainer_state or TrainerState()).data_manifest_hash,
+        "tokenizer_id": meta.tokenizer_id, "model_name": meta.model_name, STATUS: PENDING,
     }
     return client.create_model_version(name, source=info.model_uri, run_id=run_id, model_id=info.model_id,
                                        tags=tags, description=f"step {step}, {samples_seen} samples seen",
@@ -258,13 +277,10 @@ def renew_version(claim: Claim) -> None:
     claim.client.set_model_version_tag(claim.name, claim.target, LEASE, claim.renew())
 
 
-def finish_version(claim: Claim, status: str, reason: str = "", summary: dict[str, Any] | None = None,
-                   eval_run_id: str = "") -> None:
-    """Write the outcome on the version, then release the claim (in that order: see the docstring)."""
+def finish_version(claim: Claim, status: str, reason: str = "", eval_run_id: str = "") -> None:
+    """Write the outcome on the version, then release the claim (in that order: see the docstring). The results
+    are the metrics of ``eval_run_id`` on the version's logged model (see the docstring), not tags."""
     client, name, version = claim.client, claim.name, claim.target
-    for key, value in (summary or {}).items():
-        client.set_model_version_tag(name, version, SUMMARY_PREFIX + key, f"{value:.6g}" if isinstance(value, float)
-                                     else str(value))
     if eval_run_id:
         client.set_model_version_tag(name, version, EVAL_RUN, eval_run_id)
     client.set_model_version_tag(name, version, REASON, reason[:MAX_TAG_CHARS])
@@ -297,14 +313,34 @@ def promote(client: MlflowClient, name: str, version: str, primary_metric: str, 
     return sorted(client.get_model_version(name, version).aliases)
 
 
+def logged_model_id(mv: ModelVersion) -> str | None:
+    """The id of the version's logged model. The registry's SQL store does not keep the ``model_id`` a version
+    is created with (3.17 returns None), but a published version's source is ``models:/<model id>``."""
+    if mv.model_id:
+        return mv.model_id
+    rest = (mv.source or "").removeprefix("models:/")
+    return rest if rest != mv.source and rest.startswith("m-") and "/" not in rest else None
+
+
+def evaluated_metric(client: MlflowClient, mv: ModelVersion, key: str) -> float | None:
+    """``key`` (an MLflow metric name) as the version's last finished eval (its ``eval_run_id``) logged it on
+    the version's logged model; None when there is no such value."""
+    model_id, eval_run = logged_model_id(mv), mv.tags.get(EVAL_RUN)
+    points = [m for m in (client.get_logged_model(model_id).metrics or [] if model_id and eval_run else [])
+              if m.key == key and m.run_id == eval_run]
+    if points:
+        return max(points, key=lambda m: (m.timestamp, m.step)).value
+    try:  # a version evaluated before results were metrics carries them as eval.<key> tags
+        return float(mv.tags[LEGACY_RESULT_PREFIX + key])
+    except (KeyError, ValueError):
+        return None
+
+
 def _beats_champion(client: MlflowClient, name: str, version: str, metric: str, value: float) -> bool:
     if CHAMPION_ALIAS not in client.get_registered_model(name).aliases:
         return True
     champion = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
     if champion.version == version:
         return False
-    current = champion.tags.get(SUMMARY_PREFIX + metric)
-    try:
-        return current is None or value > float(current)
-    except ValueError:  # a champion without a usable number loses to one with a number
-        return True
+    current = evaluated_metric(client, champion, metric)
+    return current is None or value > current  # a champion without the number loses to one with it

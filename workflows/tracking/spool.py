@@ -3,9 +3,9 @@
 While the tracking server is down (or when a run ends before it came back), what is still pending --
 metric points, artifacts to upload, checkpoint publications and the run's end status -- is written to
 ``<storage.path>/<run name>/mlflow-spool/``, next to the run's checkpoints (local or ``s3://``):
-``pending.jsonl`` (one JSON object a line: a ``run`` header first, then ``metric``, ``artifact``,
-``publication`` and ``end`` records; no pickles) and ``config.yaml`` (the run's resolved config, credentials
-scrubbed, for a run that must still be created). Each write replaces ``pending.jsonl`` whole and atomically
+``pending.jsonl`` (one JSON object a line: a ``run`` header first, then ``metric``, ``group_start``,
+``artifact``, ``publication`` and ``end`` records; no pickles) and ``config.yaml`` (the run's resolved config,
+credentials scrubbed, for a run that must still be created). Each write replaces ``pending.jsonl`` whole and atomically
 (``storage.write_bytes``), so a reader never sees half a spool; it is deleted once everything is delivered.
 The next attempt of the same run (same run name), the driver ending the run, or ``clipflow sync <dir>``
 delivers it. This module is the only one that spells these file names.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from mlflow.entities import Metric
 
@@ -29,6 +29,16 @@ CONFIG_FILE = "config.yaml"
 SPOOL_VERSION = 1
 
 
+class GroupStart(NamedTuple):
+    """A worker group started at ``step`` with ``world_size`` workers (``restored``: from a checkpoint at that step).
+    Pending until the run is open: its number among the run's group starts is only known from the server."""
+
+    step: int
+    world_size: int
+    restored: bool
+    timestamp: int  # ms, when the group started
+
+
 @dataclass
 class SpoolContents:
     """What a spool holds: the run it belongs to and what that run's server has not taken yet."""
@@ -38,6 +48,7 @@ class SpoolContents:
     run_id: str = ""  # "" while the run could not be created
     tags: dict[str, str] = field(default_factory=dict)
     metrics: list[Metric] = field(default_factory=list)
+    group_starts: list[GroupStart] = field(default_factory=list)
     artifacts: list[tuple[str, str | None]] = field(default_factory=list)
     publications: list[Publication] = field(default_factory=list)
     end: str = ""  # the status the run ended with ("" while it runs)
@@ -48,6 +59,7 @@ class SpoolContents:
         records = [header]
         records += [{"kind": "metric", "key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}
                     for m in self.metrics]
+        records += [{"kind": "group_start", **g._asdict()} for g in self.group_starts]
         records += [{"kind": "artifact", "local_path": p, "artifact_path": a} for p, a in self.artifacts]
         records += [{"kind": "publication", **p._asdict()} for p in self.publications]
         if self.end:
@@ -76,6 +88,9 @@ class SpoolContents:
         if kind == "metric":
             self.metrics.append(Metric(str(record["key"]), float(record["value"]), int(record["timestamp"]),
                                        int(record["step"])))
+        elif kind == "group_start":
+            self.group_starts.append(GroupStart(int(record["step"]), int(record["world_size"]),
+                                                bool(record["restored"]), int(record["timestamp"])))
         elif kind == "artifact":
             self.artifacts.append((str(record["local_path"]), record["artifact_path"]))
         elif kind == "publication":

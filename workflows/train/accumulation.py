@@ -8,11 +8,14 @@ features; each pass sends exactly its own micro-batch's share of the full-batch 
 micro-batch's activations are alive at a time, and the loss always sees the global batch
 (``ClipLoss`` all-gathers the local batch of every rank).
 
-Sizes: ``global = per_worker x world_size`` and ``per_worker = micro x accum_steps``. A global
-batch that a world size does not divide is rejected before workers start (``check_world_sizes``):
-every rank must pass the same local batch to the loss's all-gather, and changing the global batch
-would change the optimisation. ``micro_batch_size`` is a cap; the accumulation count is the
-smallest that divides the per-worker batch into micro-batches no larger than the cap.
+Sizes: every world size trains the same global batch G. Rank r of W trains positions
+``[r*G//W, (r+1)*G//W)`` of each step (``clip_core.loss.share_bounds``: shares differ by at most one
+sample, so any W <= G works, and the losses weight unequal shares so that the step is the global-batch
+step). ``micro_batch_size`` is a cap: ``accum_steps`` is the smallest count that splits the largest share
+into micro-batches no larger than the cap, and it is the SAME on every rank (each micro pass runs the
+loss's collectives), so a rank splits its share into ``accum_steps`` near-equal micro-batches
+(``tensor_split``). ``check_world_sizes`` refuses, before workers start, a range with a world size that
+leaves a rank without a sample or a micro-batch.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from clip_core.loss import share_bounds
 from workflows.common.errors import UserError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -34,39 +38,51 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 class BatchPlan:
     global_batch: int
     world_size: int
-    per_worker: int  # samples each rank contributes to one optimizer step
-    accum_steps: int  # micro-batches per rank per step
+    rank: int
+    per_worker: int  # samples this rank contributes to one optimizer step (its share)
+    accum_steps: int  # micro-batches per rank per step, the same on every rank
 
     @property
     def micro_batch(self) -> int:
-        return self.per_worker // self.accum_steps
+        """This rank's largest micro-batch."""
+        return math.ceil(self.per_worker / self.accum_steps)
+
+    def describe(self) -> str:
+        """e.g. ``per-worker batch 1365-1366 = 3 x <=456`` (G = 32,768 at W = 24), for the run's log."""
+        bounds = share_bounds(self.global_batch, self.world_size)
+        shares = sorted({b - a for a, b in zip(bounds, bounds[1:])})
+        largest = math.ceil(shares[-1] / self.accum_steps)
+        return f"per-worker batch {'-'.join(map(str, shares))} = {self.accum_steps} x <={largest}"
 
 
-def check_world_sizes(global_batch: int, min_workers: int, max_workers: int) -> None:
-    """Every world size the elastic range allows must divide the global batch."""
-    bad = [w for w in range(min_workers, max_workers + 1) if global_batch % w]
-    if bad:
-        raise UserError(
-            f"train.global_batch_size {global_batch} is not divisible by world size(s) {bad} allowed by "
-            f"scaling.min_workers={min_workers}..max_workers={max_workers}; choose a global batch that every "
-            f"size divides (e.g. {math.lcm(*range(min_workers, max_workers + 1))}) or narrow the worker range")
+def plan_batches(global_batch: int, world_size: int, micro_batch_cap: int = 0, rank: int = 0) -> BatchPlan:
+    """Rank ``rank``'s share of the global batch and the accumulation count every rank uses."""
+    if not 1 <= world_size <= global_batch:
+        raise UserError(f"train.global_batch_size {global_batch} gives fewer than one sample to each of "
+                        f"{world_size} workers; raise it or lower scaling.max_workers to at most {global_batch}")
+    bounds = share_bounds(global_batch, world_size)
+    smallest, largest = bounds[1] - bounds[0], bounds[-1] - bounds[-2]
+    accum = math.ceil(largest / micro_batch_cap) if micro_batch_cap else 1
+    if accum > smallest:
+        raise UserError(f"train.micro_batch_size {micro_batch_cap} splits the largest per-worker share of "
+                        f"{largest} at world size {world_size} into {accum} micro-batches, more than the smallest "
+                        f"share of {smallest} samples can fill; set train.micro_batch_size to 2 or more")
+    return BatchPlan(global_batch, world_size, rank, bounds[rank + 1] - bounds[rank], accum)
 
 
-def plan_batches(global_batch: int, world_size: int, micro_batch_cap: int = 0) -> BatchPlan:
-    if global_batch % world_size:
-        raise UserError(f"train.global_batch_size {global_batch} is not divisible by world size {world_size}")
-    per_worker = global_batch // world_size
-    accum = math.ceil(per_worker / micro_batch_cap) if micro_batch_cap else 1
-    while per_worker % accum:  # terminates: accum == per_worker always divides
-        accum += 1
-    return BatchPlan(global_batch, world_size, per_worker, accum)
+def check_world_sizes(global_batch: int, min_workers: int, max_workers: int, micro_batch_cap: int = 0) -> None:
+    """Every world size the elastic range allows can train the global batch (``plan_batches`` raises)."""
+    plan_batches(global_batch, max_workers, micro_batch_cap)  # the largest first: it may be past the batch
+    for world_size in range(min_workers, max_workers):
+        plan_batches(global_batch, world_size, micro_batch_cap)
 
 
 def accumulate_gradients(model: nn.Module, loss_fn: LossFn, images: torch.Tensor, tokens: torch.Tensor,
                          accum_steps: int, autocast: contextlib.AbstractContextManager,
                          temperature: list[nn.Parameter]) -> torch.Tensor:
     """Backward of the loss over (images, tokens) — this rank's whole per-step batch — in
-    ``accum_steps`` micro-batches. Leaves gradients in ``.grad``; returns the detached loss.
+    ``accum_steps`` micro-batches (sizes differ by at most one; ``chunk`` could return fewer, and every rank
+    must run the same passes). Leaves gradients in ``.grad``; returns the detached loss.
 
     ``model`` may be DDP-wrapped (gradients are all-reduced once, on the last micro-batch).
     ``temperature``: logit_scale (and logit_bias) take the same full gradient in every pass, so it
@@ -79,7 +95,7 @@ def accumulate_gradients(model: nn.Module, loss_fn: LossFn, images: torch.Tensor
         loss.backward()
         return loss.detach()
 
-    image_chunks, token_chunks = images.chunk(accum_steps), tokens.chunk(accum_steps)
+    image_chunks, token_chunks = images.tensor_split(accum_steps), tokens.tensor_split(accum_steps)
     with torch.no_grad(), autocast:
         cached = [model(i, t)[:2] for i, t in zip(image_chunks, token_chunks)]
     cached_images = [c[0] for c in cached]

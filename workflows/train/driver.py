@@ -9,6 +9,12 @@ allowed world size, a resume checkpoint that fits and verifies, a writable ``sto
 latest checkpoint; the data position and its exact-resume guarantee are described in
 ``workflows.train.feed``. A store that refuses writes (full, read-only, forbidden) is not retried: the
 run ends at the first such error, as a ``StorageError``, without the partial checkpoints it left.
+
+A run with ``train.run_id`` keeps that name: its checkpoints live in ``storage.path/<run_id>/`` and its
+MLflow run is keyed by it. A new driver of the same run id (a re-submit, a RayJob retry) continues it:
+Ray Train restores the latest checkpoint it registered in that directory (its checkpoint-manager snapshot)
+into the new worker group, after the driver checked that checkpoint against the config; a run that already
+trained its steps is reported as finished without starting workers.
 """
 
 from __future__ import annotations
@@ -24,18 +30,21 @@ from typing import Any
 
 from clip_core import Tokenizer, create_model
 from clip_core.checkpoint import CheckpointError, verify_checkpoint
-from workflows.artifacts import ArtifactError, CheckpointInfo, DataManifest
+from workflows.artifacts import ArtifactError, CheckpointInfo, DataManifest, TrainerState
 from workflows.common import storage
 from workflows.common.config import REGISTERED_MODEL_URI, Config, DataSource
 from workflows.common.errors import UserError
-from workflows.common.log import current_level
+from workflows.common.log import current_level, get_logger
 from workflows.common.runtime import ensure_ray, set_env_defaults
 from workflows.data.eval_sets import read_zeroshot_set
 from workflows.data.tokenizer_io import load_tokenizer
 from workflows.train.accumulation import check_world_sizes
 from workflows.train.feed import DataOrder
-from workflows.train.loop import (CHECKPOINT_PREFIX, RunLogFactory, RunSetup, TrainDebug, build_model, read_pretrained,
+from workflows.train.loop import (RunLogFactory, RunSetup, TrainDebug, build_model, checkpoint_names, read_pretrained,
                                   train_loop_per_worker)
+from workflows.train.preemption import DriverStop
+
+log = get_logger("train")
 
 
 @dataclass
@@ -49,26 +58,34 @@ class TrainResult:
     run_name: str
     world_size: int
     wall_seconds: float
+    already_finished: bool = False  # the run id's run had trained its steps before: nothing was trained now
 
 
-def run_training(cfg: Config, debug: TrainDebug | None = None, run_log: RunLogFactory | None = None) -> TrainResult:
+def run_training(cfg: Config, debug: TrainDebug | None = None, run_log: RunLogFactory | None = None,
+                 pretrained: str | None = None) -> TrainResult:
     """Validate, then train to the end, reporting to ``run_log`` (clipflow passes its MLflow run:
-    ``workflows.tracking.client.TrainingTracking``); raises UserError for configs that cannot run."""
+    ``workflows.tracking.client.TrainingTracking``); raises UserError for configs that cannot run.
+    ``pretrained``: model.pretrained as the user gave it, when ``cfg`` holds its resolution (see ``prepare_run``)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     start = time.monotonic()
-    setup = replace(prepare_run(cfg, debug or TrainDebug()), run_log=run_log)
+    setup = replace(prepare_run(cfg, debug or TrainDebug(), pretrained), run_log=run_log)
+    if setup.finished_checkpoint:
+        return _finished_result(cfg, setup, time.monotonic() - start)
     set_env_defaults("train")  # before Ray starts the workers, which get the driver's variables
     ensure_ray()
     scaling = cfg.scaling
     fs, storage_path = storage.resolve(cfg.storage.path, cfg.storage.s3_endpoint)
+    driver_stop = DriverStop()  # SIGTERM: the workers checkpoint at their next check, then fit() returns
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "setup": setup},
+        train_loop_config={"cfg": cfg, "setup": setup, "stop": driver_stop.handle},
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.min_workers if scaling.min_workers == scaling.max_workers
             else (scaling.min_workers, scaling.max_workers),
+            **({"elastic_resize_monitor_interval_s": scaling.resize_interval_s}
+               if scaling.min_workers < scaling.max_workers else {}),
             use_gpu=scaling.use_gpu, resources_per_worker={"CPU": scaling.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=setup.run_name, storage_path=storage_path, storage_filesystem=fs,
@@ -77,7 +94,10 @@ def run_training(cfg: Config, debug: TrainDebug | None = None, run_log: RunLogFa
             callbacks=[_stop_on_storage_errors(setup.checkpoint_root)]),
     )
     try:
-        result = trainer.fit()
+        with driver_stop:
+            result = trainer.fit()
+        driver_stop.raise_if_stopped(int(result.metrics["step"]), setup.total_steps,
+                                     storage.to_uri(cfg.storage.path, result.checkpoint.path))
     except BaseException as exc:  # the run log ends the run as this failure, then it propagates
         if run_log is not None:
             run_log.end(setup, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -94,8 +114,10 @@ def run_training(cfg: Config, debug: TrainDebug | None = None, run_log: RunLogFa
         run_name=setup.run_name, world_size=int(metrics["world_size"]), wall_seconds=time.monotonic() - start)
 
 
-def prepare_run(cfg: Config, debug: TrainDebug) -> RunSetup:
-    """Everything that can be checked on the driver, so a bad config fails in seconds, not after startup."""
+def prepare_run(cfg: Config, debug: TrainDebug, pretrained: str | None = None) -> RunSetup:
+    """Everything that can be checked on the driver, so a bad config fails in seconds, not after startup.
+    ``pretrained``: model.pretrained as given, when ``cfg.model.pretrained`` is its resolution (a models:/ URI
+    resolved to a checkpoint by `clipflow train`): checkpoints record, and a continued run compares, the former."""
     t, endpoint = cfg.train, cfg.storage.s3_endpoint
     sources = t.sources()
     manifests = read_manifests(sources, endpoint)
@@ -122,7 +144,7 @@ def prepare_run(cfg: Config, debug: TrainDebug) -> RunSetup:
         for uri in cfg.eval.zeroshot:  # fail now, not on rank 0 after the first N steps
             read_zeroshot_set(uri, cfg.storage.s3_endpoint, cfg.eval.classnames)
     s = cfg.scaling
-    check_world_sizes(t.global_batch_size, s.min_workers, s.max_workers)
+    check_world_sizes(t.global_batch_size, s.min_workers, s.max_workers, t.micro_batch_size)
     order = DataOrder.mixed([(m.shard_uris(s.path), s.weight) for s, m in zip(sources, manifests)], t.seed,
                             t.global_batch_size)
     if order.steps_per_epoch < 1:
@@ -131,15 +153,110 @@ def prepare_run(cfg: Config, debug: TrainDebug) -> RunSetup:
     manifest_hash = data_hash(sources, manifests)
     total_steps = t.max_steps or t.epochs * order.steps_per_epoch
     storage.check_writable(cfg.storage.path, endpoint)  # Ray would fail its controller on it, after startup
-    if t.resume_from:
-        _check_resume(t.resume_from, cfg, tokenizer, manifest_hash, total_steps)
-    run_name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    init = cfg.model.pretrained if pretrained is None else pretrained
+    run_name = t.run_id or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    root = storage.join(cfg.storage.path, run_name)
+    found = latest_run_checkpoint(root, endpoint) if t.run_id else None
+    resume, finished = t.resume_from, ""
+    if found is None:
+        if t.resume_from:
+            _check_resume(t.resume_from, cfg, tokenizer, manifest_hash, total_steps, init)
+        log.info(f"run {run_name}: new" + (f", from checkpoint {t.resume_from}" if t.resume_from else ""))
+    else:
+        uri, restored_by_ray = found
+        state = _continued_state(uri, cfg, run_name)
+        if state.step >= total_steps:
+            finished = uri
+            log.info(f"run {run_name} already finished at step {state.step} (checkpoint {uri})")
+        else:
+            _check_resume(uri, cfg, tokenizer, manifest_hash, total_steps, init, what=f"run {run_name}'s checkpoint")
+            resume = "" if restored_by_ray else uri  # Ray Train hands its latest checkpoint to the new group
+            log.info(f"run {run_name}: continuing from step {state.step} (checkpoint {uri})")
     setup = RunSetup(run_name=run_name, order=order, tokenizer=tokenizer, image_size=image_size,
-                     context_length=context_length, total_steps=total_steps,
-                     checkpoint_root=storage.join(cfg.storage.path, run_name), manifest_hash=manifest_hash,
-                     log_level=current_level(), debug=debug)
-    check_init(cfg, setup)
+                     context_length=context_length, total_steps=total_steps, checkpoint_root=root,
+                     manifest_hash=manifest_hash, log_level=current_level(), debug=debug, resume_checkpoint=resume,
+                     pretrained=init, finished_checkpoint=finished)
+    if not finished:
+        check_init(cfg, setup)
     return setup
+
+
+def _continued_state(uri: str, cfg: Config, run_name: str) -> TrainerState:
+    """The trainer state of the run's latest checkpoint, once it is clear the config asks to continue it."""
+    t = cfg.train
+    if t.resume == "never":
+        raise UserError(f"run {run_name} already has checkpoints (latest {uri}) and train.resume=never; choose "
+                        f"another train.run_id (--run-id) for a new run, or set train.resume=auto to continue it")
+    try:
+        state = CheckpointInfo.read(uri, cfg.storage.s3_endpoint).trainer_state
+    except ArtifactError as exc:
+        raise UserError(f"run {run_name}'s checkpoint {uri} cannot be read ({exc}); restore it, or choose another "
+                        f"train.run_id for a new run") from exc
+    if state is None:
+        raise UserError(f"run {run_name}'s checkpoint {uri} has no trainer state; choose another train.run_id")
+    if t.resume_from and t.resume_from != state.resume_from:
+        raise UserError(f"run {run_name} already has checkpoints (latest {uri}, step {state.step}), so "
+                        f"train.resume_from {t.resume_from} is ambiguous: drop --resume-from to continue the run, "
+                        f"or choose another train.run_id to start a new run from that checkpoint")
+    return state
+
+
+def latest_run_checkpoint(root: str, endpoint: str) -> tuple[str, bool] | None:
+    """The checkpoint a new driver of the run under ``root`` continues, and whether Ray Train restores it
+    itself: the latest one its checkpoint-manager snapshot names (checkpoints are registered there once
+    uploaded), else, without a snapshot (a copied run directory), the newest whole checkpoint directory.
+    None when there is none. Newer directories (saves cut short) are skipped, with a line."""
+    names = checkpoint_names(root, endpoint)
+    if not names:
+        return None
+    recorded = _snapshot_latest(root, endpoint, names)
+    if recorded is not None:
+        newer = [n for n in names if n > recorded]
+        if newer:
+            log.info(f"{root}: skipping {', '.join(newer)}, newer than Ray Train's latest registered checkpoint "
+                     f"(a save cut short; it is written again)")
+        return storage.join(root, recorded), True
+    for name in reversed(names):
+        uri = storage.join(root, name)
+        if _is_whole(uri, endpoint):
+            return uri, False
+        log.info(f"{uri} is not a whole checkpoint (a save cut short): skipped")
+    return None
+
+
+def _snapshot_latest(root: str, endpoint: str, names: list[str]) -> str | None:
+    """The latest checkpoint Ray Train's snapshot under ``root`` names (None: no snapshot, or none in it).
+    A snapshot Ray would refuse (another Ray version, a checkpoint it lists is gone) is refused here, in one line."""
+    import ray
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    uri = storage.join(root, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
+    if not storage.exists(uri, endpoint):
+        return None
+    fix = (f"delete {uri} to continue from the newest whole checkpoint directory instead, or choose another "
+           f"train.run_id for a new run")
+    try:
+        snapshot = json.loads(storage.read_bytes(uri, endpoint))
+        latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+        listed = [r["checkpoint_dir_name"] for r in snapshot.get("checkpoint_results", [])]
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise UserError(f"Ray Train's record of the run's checkpoints {uri} does not parse ({exc}); {fix}") from exc
+    if snapshot.get("ray_version") != ray.__version__:
+        raise UserError(f"{uri} was written by Ray {snapshot.get('ray_version')}, this is Ray {ray.__version__}, "
+                        f"which refuses it; {fix}")
+    gone = [n for n in {*listed, *([latest] if latest else [])} if n not in names]
+    if gone:
+        raise UserError(f"{uri} lists checkpoint(s) {', '.join(sorted(gone))} that no longer exist; {fix}")
+    return latest
+
+
+def _finished_result(cfg: Config, setup: RunSetup, seconds: float) -> TrainResult:
+    """A run that trained its steps before: its final checkpoint's figures, nothing trained now."""
+    state = CheckpointInfo.read(setup.finished_checkpoint, cfg.storage.s3_endpoint).trainer_state or TrainerState()
+    return TrainResult(checkpoint_uri=setup.finished_checkpoint, steps=state.step, samples_seen=state.samples_seen,
+                       final_loss=state.loss, samples_per_second=state.samples_per_second,
+                       mlflow_run_id=state.mlflow_run_id, run_name=setup.run_name, world_size=state.world_size,
+                       wall_seconds=seconds, already_finished=True)
 
 
 def check_init(cfg: Config, setup: RunSetup) -> None:
@@ -230,21 +347,27 @@ def check_tokenizer_config(cfg: Config, data_tokenizer: Tokenizer) -> None:
                         f"with this config or set tokenizer.source to match the data")
 
 
-def _check_resume(uri: str, cfg: Config, tokenizer: Tokenizer, manifest_hash: str, total_steps: int) -> None:
-    _verify_resume(uri, cfg.storage.s3_endpoint)
+def _check_resume(uri: str, cfg: Config, tokenizer: Tokenizer, manifest_hash: str, total_steps: int,
+                  pretrained: str, what: str = "train.resume_from") -> None:
+    """The checkpoint to continue (``what``: which one, for the messages) verifies and fits this config: same
+    model, init, tokenizer, global batch and data, and steps left to train."""
+    _verify_resume(uri, cfg.storage.s3_endpoint, what)
     try:
         info = CheckpointInfo.read(uri, cfg.storage.s3_endpoint)
     except ArtifactError as exc:
-        raise UserError(f"train.resume_from {uri} is not a training checkpoint ({exc})") from exc
+        raise UserError(f"{what} {uri} is not a training checkpoint ({exc})") from exc
     state = info.trainer_state
     if state is None:
-        raise UserError(f"train.resume_from {uri} is not a training checkpoint (it has no trainer state)")
+        raise UserError(f"{what} {uri} is not a training checkpoint (it has no trainer state)")
     if info.model_name != cfg.model.name:
         raise UserError(f"checkpoint {uri} is a {info.model_name!r} model; set model.name={info.model_name} "
                         f"to continue it")
-    if cfg.model.pretrained:  # it would be ignored, and the run's params would name another init than its lineage's
-        raise UserError(f"train.resume_from {uri} continues a checkpoint, whose weights replace model.pretrained's; "
-                        f"unset model.pretrained (--set model.pretrained=) to resume")
+    # The checkpoint's weights win (the init is not read again); another init would mislabel the run's lineage.
+    if state.pretrained != pretrained:
+        raise UserError(f"checkpoint {uri} continues a run initialised from "
+                        f"{repr(state.pretrained) if state.pretrained else 'random weights'} but model.pretrained is "
+                        f"{repr(pretrained) if pretrained else 'unset'}; run with "
+                        f"--set model.pretrained={state.pretrained} to continue it (its weights replace the init)")
     if state.step >= total_steps:
         raise UserError(f"checkpoint {uri} is at step {state.step}, already at or past this run's "
                         f"{total_steps} steps; raise train.max_steps (or train.epochs) to train further")
@@ -259,7 +382,7 @@ def _check_resume(uri: str, cfg: Config, tokenizer: Tokenizer, manifest_hash: st
                         f"{state.data_manifest_hash!r} != {manifest_hash!r}); set train.data to that data")
 
 
-def _verify_resume(uri: str, endpoint: str) -> None:
+def _verify_resume(uri: str, endpoint: str, what: str) -> None:
     """Every hash, the weights' header and both states of the checkpoint to resume, checked before any worker
     starts: on the workers a bad one fails each of Ray's retries the same way. An s3:// one is downloaded."""
     try:
@@ -272,7 +395,7 @@ def _verify_resume(uri: str, endpoint: str) -> None:
             except CheckpointError as exc:  # name the checkpoint's files, not the download's
                 raise CheckpointError(str(exc).replace(tmp, uri.rstrip("/"))) from exc
     except CheckpointError as exc:
-        raise UserError(f"train.resume_from {uri} cannot be resumed: {exc}") from exc
+        raise UserError(f"{what} {uri} cannot be resumed: {exc}") from exc
 
 
 def _stop_on_storage_errors(root: str) -> Any:
@@ -312,11 +435,8 @@ def _remove_partial_checkpoints(root: str, endpoint: str) -> tuple[list[str], st
     """Delete the run's checkpoint directories that are not whole; returns their names and the latest whole one.
     Locally an upload writes files in place, so a directory is whole when it verifies; an S3 object only appears
     once complete, so there it is whole when every file it lists is there."""
-    prefix = root.rstrip("/") + "/"
-    files = [uri[len(prefix):] for uri in storage.list_files(root, endpoint, recursive=True)]
-    names = sorted({f.split("/")[0] for f in files if f.startswith(CHECKPOINT_PREFIX) and "/" in f})
     removed, latest = [], None
-    for name in names:
+    for name in checkpoint_names(root, endpoint):
         uri = storage.join(root, name)
         if _is_whole(uri, endpoint):
             latest = uri

@@ -6,7 +6,8 @@ seeded random order over the WHOLE data set, each block's rows in a seeded order
 block). Global step ``s`` trains stream positions ``[s*G, (s+1)*G)`` (G = global batch), so a step's
 samples come from about G/256 blocks drawn from anywhere in the data (at ViT-B/32's G = 32,768 and
 10,000-row shards: about 128 distinct shards per step, ``benchmarks/order_scale.py``), and rank ``r``
-of ``W`` trains the contiguous slice ``[s*G + r*G/W, s*G + (r+1)*G/W)``. Which samples form step ``s``
+of ``W`` trains the contiguous slice ``[s*G + r*G//W, s*G + (r+1)*G//W)`` (``clip_core.loss.share_bounds``:
+any W <= G, shares differing by at most one sample). Which samples form step ``s``
 (``DataOrder.step_samples``) therefore depends on the seed, the epoch and ``s`` only, never on the
 world size. A read is always one whole row group, never a shard read to take a few rows of it.
 
@@ -41,7 +42,7 @@ one step (``DataOrder.step_units``: the blocks holding this rank's positions of 
 the indices of those positions) and, per block, reads its row group from Parquet and decodes +
 augments the JPEGs; tasks run on any CPU node. A block that holds positions of several of the rank's
 steps (small G/W) is read once, by the first of them. ``preserve_order`` keeps the order and
-``iter_batches(batch_size=G/W, prefetch_batches=...)`` regroups the rows into per-step batches and
+``iter_batches(batch_size=<the rank's share>, prefetch_batches=...)`` regroups the rows into per-step batches and
 overlaps reading with training. The pixels travel as uint8; normalisation happens on the device. With
 ``augment="device"`` the tasks only decode: each stored image travels whole (padded to the stored
 square) with its crop box, and the trainer cuts and resizes the batch on its device
@@ -62,6 +63,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from clip_core.loss import share_bounds
 from clip_core.transforms import (decode_image, random_resized_crop, random_resized_crop_box, resize_center_crop,
                                   to_uint8_chw)
 from workflows.artifacts import ROW_GROUP_ROWS
@@ -332,7 +334,7 @@ class DataOrder:
 
     def step_samples(self, epoch: int, step: int) -> list[tuple[int, int]]:
         """Global step ``step`` of ``epoch`` as ``(shard index, row)`` pairs in training order (rank r of W
-        trains the r-th of W equal contiguous slices): a pure function of (seed, epoch, step)."""
+        trains the r-th of W contiguous slices, ``share_bounds``): a pure function of (seed, epoch, step)."""
         self._check_step(step)
         lo, hi = step * self.global_batch, (step + 1) * self.global_batch
         pairs: list[tuple[int, int]] = []
@@ -347,13 +349,13 @@ class DataOrder:
         ``first_step``: per block holding its positions, the indices (into ``block_rows``) of ALL its positions
         in the block from ``first_step`` on. A block is planned once, by the first step that needs it."""
         self._check_step(step)
-        per_worker = self.global_batch // world_size
-        lo = step * self.global_batch + rank * per_worker
+        first, last = share_bounds(self.global_batch, world_size)[rank:rank + 2]
+        lo = step * self.global_batch + first
         start, stop = first_step * self.global_batch, self.steps_per_epoch * self.global_batch
         units = []
-        for shard, block, offset in self._blocks_of(epoch, lo, lo + per_worker):
+        for shard, block, offset in self._blocks_of(epoch, lo, lo + last - first):
             positions = np.arange(max(offset, start), min(offset + self.block_size(shard, block), stop))
-            mine = positions[(positions % self.global_batch) // per_worker == rank]
+            mine = positions[(first <= positions % self.global_batch) & (positions % self.global_batch < last)]
             if mine[0] >= lo:  # else an earlier step of this plan reads the block
                 units.append({"epoch": epoch, "shard": shard, "block": block, "take": (mine - offset).tolist()})
         return units
@@ -444,7 +446,8 @@ def _padded(image: np.ndarray, size: int) -> np.ndarray:
 def epoch_batches(order: DataOrder, epoch: int, first_step: int, rank: int, world_size: int, *,
                   image_size: int, augment: Augment, endpoint: str = "",
                   prefetch_batches: int = 2) -> Iterator[dict[str, Any]]:
-    """This rank's per-step batches (``global_batch / world_size`` samples each) for the rest of ``epoch``."""
+    """This rank's per-step batches (its share of the global batch each, ``share_bounds``) for the rest of
+    ``epoch``."""
     import ray.data
 
     steps = order.steps_per_epoch - first_step
@@ -456,5 +459,6 @@ def epoch_batches(order: DataOrder, epoch: int, first_step: int, rank: int, worl
             load_steps, batch_size=1, batch_format="numpy",
             fn_kwargs={"order": order, "epoch": epoch, "first_step": first_step, "rank": rank,
                        "world_size": world_size, "image_size": image_size, "augment": augment, "endpoint": endpoint})
-    return ds.iter_batches(batch_size=order.global_batch // world_size, batch_format="numpy",
+    first, last = share_bounds(order.global_batch, world_size)[rank:rank + 2]
+    return ds.iter_batches(batch_size=last - first, batch_format="numpy",
                            prefetch_batches=prefetch_batches)

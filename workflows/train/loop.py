@@ -4,7 +4,8 @@ Read top to bottom: build the model -> restore the latest checkpoint (model, opt
 RNG, step) -> for each step: next batch of this rank's share of the global batch (Ray Data, see
 ``train.feed``), normalise on the device, feature-cached accumulation, clip, AdamW step, clamp the
 temperature -> every ``log_every`` steps metrics to MLflow (rank 0) -> every ``checkpoint_every``
-steps and at the end a clip_core checkpoint through ``ray.train.report``.
+steps and at the end a clip_core checkpoint through ``ray.train.report`` -> every few steps the stop check
+(``train.preemption``): a SIGTERM on the driver or a node drain makes a checkpoint at that step.
 
 Only log steps synchronise with the device (``loss.item()``); checkpoints go up asynchronously
 except the final one, which must be durable before the run reports success.
@@ -38,6 +39,7 @@ from workflows.train.accumulation import plan_batches
 from workflows.train.faults import TrainDebug, after_step
 from workflows.train.feed import DataOrder, augmentation, epoch_batches
 from workflows.train.optim import build_optimizer, build_scheduler, optimizer_step
+from workflows.train.preemption import STOP, DriverStopped, StopCheck
 from workflows.train.throughput import mfu, peak_flops, peak_memory_bytes
 
 log = get_logger("train")
@@ -54,6 +56,8 @@ class RunLog(Protocol):
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
 
+    def log_group_start(self, world_size: int, step: int, restored: bool) -> None: ...
+
     def publish_checkpoint(self, checkpoint_uri: str, step: int, samples_seen: int, final: bool) -> str | None: ...
 
     def close(self, status: str = "FINISHED") -> None: ...
@@ -64,7 +68,7 @@ class RunLogFactory(Protocol):
     on the driver, which ends the run with it: the driver also sees the failures rank 0 never does (a
     killed worker group, Ctrl-C)."""
 
-    def __call__(self, setup: "RunSetup", world_size: int) -> RunLog: ...
+    def __call__(self, setup: "RunSetup") -> RunLog: ...
 
     def end(self, setup: "RunSetup", status: str) -> str:
         """End the run as ``status`` (FINISHED, FAILED, KILLED) unless rank 0 did; returns its id ("" if none)."""
@@ -86,6 +90,11 @@ class RunSetup:
     log_level: str = "info"  # the driver's: workers are other processes and set up logging again
     debug: TrainDebug = field(default_factory=TrainDebug)
     run_log: RunLogFactory | None = None  # None: no tracking (benchmarks, tests of the loop alone)
+    # What the first worker group restores when Ray Train has no checkpoint of this run (``restore``):
+    # train.resume_from, or the run's own latest checkpoint when Ray's record of them is missing
+    resume_checkpoint: str = ""
+    pretrained: str = ""  # model.pretrained as given (before models:/ resolution): what checkpoints record
+    finished_checkpoint: str = ""  # the run's final checkpoint when it already trained total_steps: no worker starts
 
 
 def build_model(cfg: Config, setup: RunSetup, device: str | None = None) -> CLIP:
@@ -119,11 +128,14 @@ def read_pretrained(cfg: Config) -> CLIP:
 
 
 def make_loss(cfg: Config, model: CLIP):
-    """(image_features, text_features, logit_scale) -> loss over the global batch."""
+    """(image_features, text_features, logit_scale) -> loss over the global batch (whose size tells the
+    loss every rank's share at any world size)."""
+    global_batch = cfg.train.global_batch_size
     if cfg.train.loss == "siglip":
-        siglip = SigLipLoss()
+        siglip = SigLipLoss(global_batch=global_batch)
         return lambda image, text, scale: siglip(image, text, scale, model.logit_bias)
-    return ClipLoss(local_loss=cfg.train.local_loss, gather_with_grad=cfg.train.gather_with_grad)
+    return ClipLoss(local_loss=cfg.train.local_loss, gather_with_grad=cfg.train.gather_with_grad,
+                    global_batch=global_batch)
 
 
 def autocast_for(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
@@ -180,14 +192,19 @@ def _all_rng_states(device: torch.device) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def _run_log(setup: RunSetup, rank: int, world_size: int) -> Iterator[RunLog | None]:
+def _run_log(cfg: Config, setup: RunSetup, rank: int, world_size: int, step: int,
+             restored: bool) -> Iterator[RunLog | None]:
     """Rank 0's run log (the same run again after a restart: keyed by the run name), ended FAILED if
-    this worker's loop raises (KILLED on KeyboardInterrupt)."""
+    this worker's loop raises (KILLED on KeyboardInterrupt). It records the group's start (world size, the
+    step it starts from) and, after a restore, queues again what a torn-down group may not have published."""
     if rank != 0 or setup.run_log is None:
         yield None
         return
-    tracker = setup.run_log(setup, world_size)
+    tracker = setup.run_log(setup)
     try:
+        tracker.log_group_start(world_size, step, restored)
+        if restored:
+            publish_kept(cfg, setup, tracker, step)
         yield tracker
     except BaseException as exc:
         tracker.close(status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -235,14 +252,15 @@ class Meter:
         return (step - first) * self.global_batch / (time.perf_counter() - since)
 
 
-def restore(raw: CLIP, cfg: Config) -> tuple[TrainerState, dict[str, Any] | None]:
-    """Load the group's latest checkpoint after a restart, else ``train.resume_from``, into ``raw``;
-    returns (trainer_state, training_state): step 0 and None for a fresh run."""
+def restore(raw: CLIP, cfg: Config, setup: RunSetup) -> tuple[TrainerState, dict[str, Any] | None]:
+    """Load the run's latest checkpoint as Ray Train knows it (after a restart, or a new driver of the same
+    run id), else ``setup.resume_checkpoint``, into ``raw``; returns (trainer_state, training_state): step 0
+    and None for a fresh run."""
     import ray.train
 
     latest = ray.train.get_checkpoint()
-    if latest is None and cfg.train.resume_from:
-        fs, path = storage.resolve(cfg.train.resume_from, cfg.storage.s3_endpoint)
+    if latest is None and setup.resume_checkpoint:
+        fs, path = storage.resolve(setup.resume_checkpoint, cfg.storage.s3_endpoint)
         latest = ray.train.Checkpoint(path=path, filesystem=fs)
     if latest is None:
         return TrainerState(), None
@@ -262,11 +280,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    plan = plan_batches(cfg.train.global_batch_size, world, cfg.train.micro_batch_size)
+    plan = plan_batches(cfg.train.global_batch_size, world, cfg.train.micro_batch_size, rank)
     order, debug, total_steps = setup.order, setup.debug, setup.total_steps
 
     raw = build_model(cfg, setup)
-    trainer_state, training_state = restore(raw, cfg)
+    trainer_state, training_state = restore(raw, cfg, setup)
     if training_state is None and rank == 0 and cfg.model.pretrained:  # DDP broadcasts rank 0's weights
         raw.load_state_dict(read_pretrained(cfg).state_dict())
     channels_last = cfg.model.channels_last and use_channels_last(raw)  # before DDP registers the parameters
@@ -282,16 +300,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model, loss_fn = compile_for_training(model, loss_fn, cfg.model.compile, cfg.model.compile_mode)
     cudagraphs = uses_cudagraphs(cfg.model.compile, cfg.model.compile_mode)
     if rank == 0:
-        log.info(f"{setup.run_name}: world {world}, per-worker batch {plan.per_worker} = {plan.accum_steps} x "
-                 f"{plan.micro_batch}, steps {step}->{total_steps}" + (" (resumed)" if step else "")
+        log.info(f"{setup.run_name}: world {world}, {plan.describe()}, steps {step}->{total_steps}"
+                 + (" (resumed)" if step else "")
                  + (f", compile {cfg.model.compile}/{cfg.model.compile_mode}" if cfg.model.compile != "none" else "")
                  + (", channels_last" if channels_last else "")
                  + (", crops on the device" if augmentation(cfg.train) == "device" else ""))
     meter = Meter(plan.global_batch, step, model_flops_per_sample(raw.config),
                   peak_flops(device, cfg.train.peak_flops) if rank == 0 else 0.0, world)
     loss = torch.zeros(())
+    stop = StopCheck(config.get("stop"), rank)  # SIGTERM on the driver, a node drain: see train.preemption
+    restored = training_state is not None
 
-    with _run_log(setup, rank, world) as tracker:
+    # A stop ends the loop with DriverStopped, so the run log ends KILLED, and the workers return cleanly
+    with contextlib.suppress(DriverStopped), _run_log(cfg, setup, rank, world, step, restored) as tracker:
         while step < total_steps:
             epoch, done = divmod(step, order.steps_per_epoch)
             steps_left = min(total_steps, (epoch + 1) * order.steps_per_epoch) - step
@@ -316,11 +337,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                              f"mfu {metrics['mfu']:.1%} data-wait {metrics['data_wait_fraction']:.0%}")
                 if rank == 0 and cfg.train.zero_shot_every and step % cfg.train.zero_shot_every == 0:
                     zero_shot(raw, setup.tokenizer, cfg, device, tracker, step)
-                if step % cfg.train.checkpoint_every == 0 or step == total_steps:
+                notice = stop.poll(step)  # every rank, the same answer: a checkpoint now, uploaded before going on
+                if step % cfg.train.checkpoint_every == 0 or step == total_steps or notice:
                     states = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                               "rng": _all_rng_states(device), "scaler": None}  # bf16 needs no loss scaler
                     report_checkpoint(cfg, setup, raw, states, tracker, rank=rank, world=world, step=step,
-                                      epoch=epoch, loss=loss.item(), samples_per_second=meter.attempt_rate(step))
+                                      epoch=epoch, loss=loss.item(), samples_per_second=meter.attempt_rate(step),
+                                      sync=notice is not None)
+                if notice == STOP and step < total_steps:
+                    raise DriverStopped(f"stopped at step {step} (SIGTERM on the driver)")
 
 
 def zero_shot(raw: CLIP, tokenizer: Tokenizer, cfg: Config, device: torch.device, tracker: RunLog | None,
@@ -341,11 +366,45 @@ def zero_shot(raw: CLIP, tokenizer: Tokenizer, cfg: Config, device: torch.device
 CHECKPOINT_PREFIX = "checkpoint_"  # + the step: the run's checkpoint directories under its storage path
 
 
+def checkpoint_names(root: str, endpoint: str) -> list[str]:
+    """The run's checkpoint directory names under ``root`` (``checkpoint_<step>``), oldest first."""
+    prefix = root.rstrip("/") + "/"
+    files = [uri[len(prefix):] for uri in storage.list_files(root, endpoint, recursive=True)]
+    return sorted({f.split("/")[0] for f in files if f.startswith(CHECKPOINT_PREFIX) and "/" in f})
+
+
+def publication_due(cfg: Config, step: int, total_steps: int) -> bool:
+    """Whether the checkpoint at ``step`` gets a model version: every ``mlflow.publish_every``-th one of the
+    ``train.checkpoint_every`` grid, the final one, and any off the grid (a stop or preemption checkpoint)."""
+    every = cfg.train.checkpoint_every
+    return step == total_steps or step % every != 0 or (step // every) % cfg.mlflow.publish_every == 0
+
+
+def publish_kept(cfg: Config, setup: RunSetup, tracker: RunLog, restored_step: int) -> None:
+    """Queue the publication of every kept checkpoint up to the restored one that was due: a worker group torn
+    down (a lost node, a resize, a killed driver) loses the publications its rank 0 had queued, and the run
+    resumes from checkpoints that would then have no version. Those already registered are skipped there."""
+    endpoint = cfg.storage.s3_endpoint
+    try:
+        names = checkpoint_names(setup.checkpoint_root, endpoint)
+    except OSError as exc:
+        log.warning(f"cannot list {setup.checkpoint_root} ({exc}); checkpoints an earlier worker group left "
+                    f"unpublished are not registered now")
+        return
+    for name in names:
+        step = int(name[len(CHECKPOINT_PREFIX):])
+        if step <= restored_step and publication_due(cfg, step, setup.total_steps):
+            tracker.publish_checkpoint(storage.join(setup.checkpoint_root, name), step,
+                                       step * cfg.train.global_batch_size, final=False)
+
+
 def report_checkpoint(cfg: Config, setup: RunSetup, raw: CLIP, states: dict[str, Any], tracker: RunLog | None, *,
-                      rank: int, world: int, step: int, epoch: int, loss: float, samples_per_second: float) -> None:
+                      rank: int, world: int, step: int, epoch: int, loss: float, samples_per_second: float,
+                      sync: bool = False) -> None:
     """Every rank reports (Ray Train requires it); rank 0 writes the clip_core checkpoint, Ray uploads it
-    into ``RunConfig.storage_path`` (asynchronously unless final: a slow store must not stall training, but the
-    final checkpoint must be durable before the run reports success), and rank 0 publishes it to MLflow."""
+    into ``RunConfig.storage_path`` (asynchronously unless final or ``sync``: a slow store must not stall training,
+    but the final checkpoint must be durable before the run reports success, and a stop or preemption checkpoint
+    before the process or node goes), and rank 0 publishes it to MLflow."""
     import ray.train
     from ray.train import CheckpointUploadMode
 
@@ -360,12 +419,12 @@ def report_checkpoint(cfg: Config, setup: RunSetup, raw: CLIP, states: dict[str,
         state = TrainerState(**metrics, epoch=epoch, steps_done_in_epoch=step - epoch * order.steps_per_epoch,
                              global_batch_size=cfg.train.global_batch_size, steps_per_epoch=order.steps_per_epoch,
                              total_steps=setup.total_steps, data_seed=order.seed,
-                             data_manifest_hash=setup.manifest_hash, run_name=setup.run_name)
+                             data_manifest_hash=setup.manifest_hash, run_name=setup.run_name,
+                             pretrained=setup.pretrained, resume_from=cfg.train.resume_from)
         save_checkpoint(local, raw, setup.tokenizer, training_state=states, trainer_state=state.to_dict())
         checkpoint = ray.train.Checkpoint.from_directory(local)
-    mode = CheckpointUploadMode.SYNC if final else CheckpointUploadMode.ASYNC
+    mode = CheckpointUploadMode.SYNC if final or sync else CheckpointUploadMode.ASYNC
     ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name, checkpoint_upload_mode=mode,
                      delete_local_checkpoint_after_upload=True)
-    publish = (step // cfg.train.checkpoint_every) % cfg.mlflow.publish_every == 0
-    if tracker is not None and (final or publish):
+    if tracker is not None and publication_due(cfg, step, setup.total_steps):
         tracker.publish_checkpoint(storage.join(setup.checkpoint_root, name), step, samples_seen, final)
