@@ -20,19 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import secrets
-import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
-from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -40,11 +35,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from workflows.common.runtime import free_port  # noqa: E402
+from ray_head import ray_cluster  # noqa: E402
 
-from ray_head import stop_ray_under  # noqa: E402
-
-BIN = Path(sys.executable).parent
 PER_TAR = 1000
 IMAGE_SIDE = 24
 
@@ -126,34 +118,6 @@ def driver(raw: str, home: str) -> dict:
             "dedup_tasks": list(result.dedup_tasks)}
 
 
-@contextmanager
-def local_cluster(nodes: int, cpus_per_node: int) -> Iterator[dict[str, str]]:
-    """A head and ``nodes - 1`` worker nodes on loopback, each its own raylet and temp dir; stopped by PID."""
-    tmp = Path(tempfile.mkdtemp(prefix="ss-", dir="/tmp"))
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32), "PYTHONPATH": str(ROOT)}
-    port = free_port()
-
-    def start(*args: str, temp: Path) -> None:
-        ports = {flag: free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                "runtime-env-agent-port", "metrics-export-port")}
-        done = subprocess.run([str(BIN / "ray"), "start", *args, f"--num-cpus={cpus_per_node}", f"--temp-dir={temp}",
-                               *(f"--{flag}={p}" for flag, p in ports.items()), "--disable-usage-stats"],
-                              env={**env, "RAY_TMPDIR": str(temp)}, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise SystemExit(f"ray start {' '.join(args)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-
-    try:
-        start("--head", f"--port={port}", "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
-              temp=tmp / "head")
-        for i in range(1, nodes):
-            start(f"--address=127.0.0.1:{port}", temp=tmp / f"node{i}")
-        yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_TMPDIR": str(tmp / "head")}
-    finally:
-        stop_ray_under(tmp)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def simulate(sizes: list[int], node_counts: list[int], cpus_per_node: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="cf-scale-") as work:
@@ -163,7 +127,9 @@ def simulate(sizes: list[int], node_counts: list[int], cpus_per_node: int) -> li
             write_tars(raw, size)
             print(f"[{size:,} samples generated in {time.perf_counter() - start:.0f} s]", flush=True)
             for nodes in node_counts:
-                with local_cluster(nodes, cpus_per_node) as env:
+                cpus = (f"--num-cpus={cpus_per_node}",)
+                with ray_cluster(cpus, [cpus] * (nodes - 1), env={"PYTHONPATH": str(ROOT)}) as cluster:
+                    env = cluster.env
                     home = Path(work) / f"home-{size}-{nodes}"
                     child = subprocess.run([sys.executable, __file__, "--driver", str(raw), str(home)], env=env,
                                            capture_output=True, text=True, timeout=3600)

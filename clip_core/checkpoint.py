@@ -7,8 +7,8 @@
     trainer_state.json   optional: step, samples_seen, epoch, data position, ...
     checkpoint.json      format version, creation time, sha256 of every other file
 
-``export_weights`` writes the weights-only form (the first three files and checkpoint.json): what a
-registry version, serving and eval need.
+``export_weights`` writes the weights-only form (the first three files, ``weights_only``, and checkpoint.json):
+what a registry version, serving and eval need.
 
 A checkpoint is written into a temporary sibling directory and renamed into place, so a reader never sees a
 half-written checkpoint, and the hashes catch anything damaged later (partial copies, bit rot).
@@ -111,16 +111,15 @@ def export_weights(src: str | Path, dest: str | Path) -> Path:
     training state (AdamW's two moments: twice the weights) or the trainer state, so a registry version does
     not carry them into every download. The files are copied, not rebuilt, after ``src`` verifies, and must
     still match its hashes. ``load_checkpoint`` reads the export (``load_training_state`` is None); a trainer
-    refuses it as a resume point, and it initialises fine-tuning as any checkpoint does.
+    refuses it as a resume point, and it initialises fine-tuning as any checkpoint does. Only the files it
+    keeps (``weights_only``) need be in ``src``: a publisher downloads just those and checkpoint.json.
     """
     source, target = Path(src).absolute(), Path(dest).absolute()
     if source == target:
         raise CheckpointError(f"cannot export {source} onto itself: that would drop its training state; "
                               f"export to another directory")
-    files = _verified_files(source)
+    wanted = _verified_files(source, weights_only)
     _, tokenizer = _config_and_tokenizer(source)
-    wanted = {name: digest for name, digest in files.items()
-              if name in (MODEL_FILE, CONFIG_FILE) or name.startswith(f"{TOKENIZER_DIR}/")}
 
     def fill(tmp: Path) -> None:
         for name in wanted:
@@ -128,6 +127,11 @@ def export_weights(src: str | Path, dest: str | Path) -> Path:
             shutil.copyfile(source / name, tmp / name)
 
     return _write_atomically(target, tokenizer.id, fill, expected=wanted)
+
+
+def weights_only(name: str) -> bool:
+    """A file (as checkpoint.json lists it) that the weights-only form keeps: what serving and evaluation read."""
+    return name in (MODEL_FILE, CONFIG_FILE) or name.startswith(f"{TOKENIZER_DIR}/")
 
 
 def _write_atomically(directory: str | Path, tokenizer_id: str, fill: Callable[[Path], None],
@@ -228,8 +232,9 @@ def _read_training_state(path: Path, map_location: str | torch.device, mmap: boo
                               f"use another checkpoint") from exc
 
 
-def _verified_files(path: Path) -> dict[str, str]:
-    """checkpoint.json's file map, once every listed file matches its hash and no other file is there."""
+def _verified_files(path: Path, wanted: Callable[[str], bool] | None = None) -> dict[str, str]:
+    """checkpoint.json's file map, once every listed file matches its hash and no other file is there.
+    With ``wanted``: the map of the listed files it accepts, once those match (the others may be absent)."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     manifest = _read_json(path / MANIFEST, path)
@@ -246,6 +251,8 @@ def _verified_files(path: Path) -> dict[str, str]:
     if unlisted:
         raise CheckpointError(f"{path} holds files that {MANIFEST} does not list: {', '.join(unlisted)}; they are "
                               f"leftovers or tampering, so the checkpoint is refused: remove them, or use another")
+    if wanted is not None:
+        files = {name: digest for name, digest in files.items() if wanted(name)}
     for name, expected in files.items():
         file = path / name
         if name not in present:

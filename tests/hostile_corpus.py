@@ -128,6 +128,17 @@ def broken_first_jsonl_line(root: Path, images: Images) -> list[str]:
     return ["bad_manifest_row", "", "bad_manifest_row", "bad_manifest_row"]
 
 
+def line_separators_in_jsonl_caption(root: Path, images: Images) -> list[str]:
+    """JSON strings may hold U+2028, NEL and form feeds unescaped; splitting the file with ``str.splitlines``
+    cut such a row into broken pieces. A JSONL row ends at a newline only."""
+    ref = _image_file(root, "separators.jpg", images)
+    words = images.caption().decode().split(" ")
+    caption = "\u2028".join(words[:2]) + "\x85" + "\x0c".join(words[2:])
+    (root / "line_separators_in_jsonl_caption.jsonl").write_text(
+        json.dumps({"image": ref, "caption": caption}, ensure_ascii=False) + "\n", encoding="utf-8")
+    return [""]
+
+
 def oversized_csv_field(root: Path, images: Images) -> list[str]:
     """A field over csv.field_size_limit() raised out of the reader."""
     ref = _image_file(root, "csv_big_field.jpg", images)
@@ -239,9 +250,10 @@ def manifest_escapes(root: Path, images: Images) -> list[str]:
 
 
 CASES: dict[str, Callable[[Path, Images], list[str]]] = {f.__name__: f for f in (
-    non_utf8_tar_name, non_utf8_csv_path, lone_surrogate_caption, broken_first_jsonl_line, oversized_csv_field,
-    link_members, tar_gz_in_directory, img2dataset_sidecars, dotted_keys, split_sample, parquet_without_keys,
-    parquet_repeated_key, sixteen_bit_png, foreign_image_formats, huge_member, lying_header, manifest_escapes)}
+    non_utf8_tar_name, non_utf8_csv_path, lone_surrogate_caption, broken_first_jsonl_line,
+    line_separators_in_jsonl_caption, oversized_csv_field, link_members, tar_gz_in_directory, img2dataset_sidecars,
+    dotted_keys, split_sample, parquet_without_keys, parquet_repeated_key, sixteen_bit_png, foreign_image_formats,
+    huge_member, lying_header, manifest_escapes)}
 
 
 def write_case(name: str, root: Path, images: Images | None = None) -> list[str]:

@@ -90,7 +90,7 @@ def unique_name(prefix: str) -> str:
 
 
 def training_run(client: MlflowClient) -> str:
-    from workflows.tracking.client import get_or_create_experiment
+    from workflows.tracking.run import get_or_create_experiment
 
     return client.create_run(get_or_create_experiment(client, "clipflow-tests"), run_name="train").info.run_id
 

@@ -5,7 +5,7 @@ run beside a `ray start` cluster attaches to it). `ray stop` would kill every Ra
 machine, the suite's own runtime included, so only the processes under this head's temp dir are stopped.
 
 ``ray_cluster`` is a head plus worker nodes, each its own raylet and temp dir, for the multi-node test
-(``test_multinode.py``: a node killed and started again).
+(``test_multinode.py``: a node killed and started again, a node drained for preemption).
 """
 
 from __future__ import annotations
@@ -51,8 +51,9 @@ def _dashboard_missing() -> str | None:
 
 
 @contextmanager
-def ray_head(num_cpus: int) -> Iterator[RayHead]:
-    """A head with the dashboard and token auth; the driver env needs ``RAY_TMPDIR`` and the token."""
+def ray_head(num_cpus: int, env: dict[str, str] | None = None) -> Iterator[RayHead]:
+    """A head with the dashboard and token auth; the driver env needs ``RAY_TMPDIR`` and the token. ``env`` goes to
+    every process of the head (as a pod's env does), job supervisors and drivers included."""
     missing = _dashboard_missing()
     if missing:
         pytest.skip(missing)
@@ -62,8 +63,9 @@ def ray_head(num_cpus: int) -> Iterator[RayHead]:
     # on this machine (the suite's own) already holds the defaults.
     ports = {flag: free_port() for flag in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                             "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")}
-    env = {**os.environ, "RAY_TMPDIR": str(tmp), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env = {**os.environ, **(env or {}), "RAY_TMPDIR": str(tmp),
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     start = subprocess.run(
         [str(BIN / "ray"), "start", "--head", *(f"--{flag}={p}" for flag, p in ports.items()),
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--num-cpus={num_cpus}",
@@ -161,6 +163,38 @@ class RayCluster:
     def kill_node(self, node: str) -> list[int]:
         """SIGKILL every process of one node (raylet, its agents, the workers it started): a lost machine."""
         return stop_ray_under(self.temp(node), signals=(signal.SIGKILL,))
+
+    def node_id(self, node: str) -> str | None:
+        """The node's Ray id, read from its raylet's command line (no API call); None when its raylet is not running."""
+        for pid in ray_processes_under(self.temp(node)):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue
+            if Path(argv[0]).name == "raylet":
+                return next((a.partition("=")[2] for a in argv if a.startswith("--node_id=")), None)
+        return None
+
+    def drain_node(self, node: str, deadline_s: int) -> None:
+        """What a Train pod's preStop hook (ray_cluster.yaml) or a spot reclaim does: `ray drain-node` for preemption
+        with a deadline. Ray keeps the node up (the deadline only says when it will go) and shuts its raylet down
+        once nothing runs there; draining it again with a shorter deadline moves the deadline."""
+        node_id = self.node_id(node)
+        assert node_id, f"{node} is not running"
+        done = subprocess.run(
+            [str(BIN / "ray"), "drain-node", f"--address={self.address}", f"--node-id={node_id}",
+             "--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=test preemption",
+             f"--deadline-remaining-seconds={deadline_s}"], env=self.env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"ray drain-node {node} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
+
+    def restore(self) -> list[str]:
+        """Start again every node whose raylet is gone (killed, or drained away, by an earlier test), after stopping by
+        PID what it left behind; returns their names."""
+        lost = [node for node in self.node_args if self.node_id(node) is None]
+        for node in lost:
+            self.kill_node(node)
+            self.start_node(node)
+        return lost
 
 
 @contextmanager

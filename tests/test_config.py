@@ -73,8 +73,10 @@ def test_flatten_and_dump_round_trip(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_load(path: Path) -> None:
     cfg = load_config(path)
-    # every world size the elastic range allows must divide the global batch (else prepare_run refuses it)
-    check_world_sizes(cfg.train.global_batch_size, cfg.scaling.min_workers, cfg.scaling.max_workers)
+    # every world size the elastic range allows must be able to train the global batch, with the config's
+    # micro-batch cap, as prepare_run checks it (else it refuses the config before any worker starts)
+    check_world_sizes(cfg.train.global_batch_size, cfg.scaling.min_workers, cfg.scaling.max_workers,
+                      cfg.train.micro_batch_size)
 
 
 def test_demo_config_is_the_builtin_default() -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -15,11 +17,11 @@ from test_eval_sets import image_folder_to_wds
 
 from clip_core import Tokenizer, create_model, load_checkpoint
 from clip_core.checkpoint import MODEL_FILE
-from workflows.common.errors import UserError
+from workflows.common.errors import EXIT_INTERRUPTED, UserError
 from workflows.data.eval_sets import embed_images_local, read_retrieval_set, retrieval_result, zero_shot_in_process
 from workflows.eval.job import run_eval
 from workflows.tracking import claims, registry
-from workflows.tracking.client import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+from workflows.tracking.run import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 
 from mlflow_helpers import (make_checkpoint, make_config, make_eval_sets, publish, train_tokenizer, training_run,
                             unique_name)
@@ -217,6 +219,37 @@ def test_eval_of_a_checkpoint_path_logs_a_run_and_leaves_the_registry_alone(env,
 
     assert main(["eval", "--checkpoint", str(root / "nowhere"), "--set", f"home={root}"]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_an_interrupted_eval_of_a_checkpoint_path_ends_its_run_killed(env):
+    """Ctrl-C (SIGINT) while `clipflow eval --checkpoint` evaluates: the run ends KILLED, not FAILED, exit 130."""
+    import ray
+
+    client = env["client"]
+    checkpoint = str(env["checkpoints"][1])
+    command = [sys.executable, "-m", "workflows.ops.cli", "eval", "--checkpoint", checkpoint,
+               "--set", f"home={env['root']}", "--set", f"mlflow.tracking_uri={env['server'].uri}",
+               "--set", "mlflow.experiment=clipflow-tests-interrupted", "--set", f"eval.zeroshot=[{env['zeroshot']}]",
+               "--set", f"eval.retrieval=[{env['retrieval']}]", "--set", "eval.batch_size=2"]
+    environment = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    job = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    try:
+        deadline = time.monotonic() + 120
+        runs = []
+        while not runs and job.poll() is None and time.monotonic() < deadline:
+            experiment = client.get_experiment_by_name("clipflow-tests-interrupted-eval")
+            runs = client.search_runs([experiment.experiment_id]) if experiment else []
+            time.sleep(0.2)
+        if runs:
+            job.send_signal(signal.SIGINT)
+        out = job.communicate(timeout=60)[0]
+    finally:
+        job.kill()
+    assert runs and runs[0].info.status == "RUNNING", out
+    assert job.returncode == EXIT_INTERRUPTED, out
+    assert "clipflow eval: interrupted" in out
+    assert client.get_run(runs[0].info.run_id).info.status == "KILLED"
 
 
 def test_many_classes_log_the_confusion_matrix_as_json_not_an_image(env):

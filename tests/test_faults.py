@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -30,9 +31,10 @@ from clip_core.checkpoint import (MANIFEST, MODEL_FILE, STALE_TMP_S, TRAINER_STA
 from workflows.common import storage
 from workflows.common.config import load_config
 from workflows.ops.cli import main
-from workflows.tracking.client import TrainingTracking, tracking_uri
+from workflows.tracking.run import tracking_uri
+from workflows.tracking.tracker import TrainingTracking
 from workflows.train.driver import _storage_failure, prepare_run, run_training
-from workflows.train.loop import TrainDebug, build_model
+from workflows.train.loop import LOCAL_CHECKPOINT_PREFIX, TrainDebug, build_model, local_checkpoint_dir
 
 from tiny_data import CONTEXT
 
@@ -335,3 +337,21 @@ def test_a_store_that_fills_up_mid_run_ends_it_at_the_first_attempt(ray_runtime,
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
     (mlflow_run,) = client.search_runs([experiment.experiment_id], f"tags.`clipflow.run_key` = '{run.name}'")
     assert mlflow_run.info.status == "FAILED"
+
+
+def test_local_checkpoint_copies_of_killed_writers_are_removed(tmp_path, monkeypatch):
+    """Rank 0 writes each checkpoint locally before Ray uploads and deletes it; a writer killed during the
+    upload leaves a whole checkpoint behind, which the next rank 0 on the node removes. A live writer's stays."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    orphan = tmp_path / f"{LOCAL_CHECKPOINT_PREFIX}{gone.pid}-abc"
+    live = tmp_path / f"{LOCAL_CHECKPOINT_PREFIX}{os.getppid()}-def"  # pytest's parent: running
+    unrelated = tmp_path / f"{LOCAL_CHECKPOINT_PREFIX}notapid"
+    for path in (orphan, live, unrelated):
+        (path / "part").parent.mkdir(parents=True)
+        (path / "part").write_bytes(b"x" * 1024)
+    new = Path(local_checkpoint_dir())
+    assert not orphan.exists() and live.exists() and unrelated.exists()
+    assert new.parent == tmp_path and new.name.startswith(f"{LOCAL_CHECKPOINT_PREFIX}{os.getpid()}-")
+    assert not any(new.iterdir())

@@ -162,6 +162,18 @@ BROKEN_CLUSTERS: dict[str, tuple[Callable[[dict], None], str]] = {
         "preStop"]["exec"].update(command=["sh", "-c", "ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION "
                                            "--reason-message x --deadline-remaining-seconds 90 && sleep 5"]),
         "must wait out its drain deadline (90 s; it sleeps 5 s)"),
+    # the head pod, where job drivers run: deleted or evicted, it first stops its jobs gracefully (ops.stop_jobs)
+    "head without its stop hook": (lambda d: _head_container(d).pop("lifecycle"),
+                                   "the head container needs a preStop hook `python -m workflows.ops.stop_jobs"),
+    "head grace shorter than its stop hook": (lambda d: _head_pod(d).update(terminationGracePeriodSeconds=60),
+                                              "within terminationGracePeriodSeconds (60): set it to at least 120"),
+    "head stop hook shorter than a driver's stop": (
+        lambda d: _head_container(d)["lifecycle"]["preStop"]["exec"]["command"].__setitem__(-1, "30"),
+        "the head's stop hook waits 30 s, less than a stopped driver may take to save its stop checkpoint (90 s)"),
+    "job supervisor kills before the head's stop hook ends": (
+        lambda d: _head_container(d).update(env=[v for v in _head_container(d)["env"]
+                                                 if v["name"] != "RAY_JOB_STOP_WAIT_TIME_S"]),
+        "set env RAY_JOB_STOP_WAIT_TIME_S to at least the stop hook's 100 s in the head container (it has none"),
     "root": (lambda d: [d["spec"]["headGroupSpec"]["template"]["spec"]["securityContext"].pop("runAsNonRoot"),
                         _head_container(d)["securityContext"].pop("runAsNonRoot")], "runAsNonRoot"),
     # security: token auth, the restricted Pod Security Standard, the NetworkPolicies' labels

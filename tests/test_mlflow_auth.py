@@ -33,7 +33,8 @@ from workflows.common.runtime import free_port
 from workflows.ops.k8s_checks import load_documents
 from workflows.ops.local_mlflow import stop_process_group, wait_http
 from workflows.tracking import registry
-from workflows.tracking.client import Tracker, TrainingTracking, get_or_create_experiment
+from workflows.tracking.run import get_or_create_experiment
+from workflows.tracking.tracker import Tracker, TrainingTracking
 
 from mlflow_helpers import make_checkpoint, train_tokenizer, unique_name
 

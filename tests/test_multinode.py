@@ -11,6 +11,11 @@ suite's MLflow server; a thread stamps each line they print with its arrival tim
    logged twice.
 2. Driver loss: ``clipflow train --set train.run_id=ID`` is stopped (SIGTERM) after a checkpoint; the same
    command continues the run in the same MLflow run, and once more after it finished trains nothing.
+3. Preemption: the node of rank 0 is drained (``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``, what a
+   Train pod's preStop hook runs). The group checkpoints at its next stop check, off the checkpoint grid, and
+   trains on; at the drain's deadline Ray Train restarts it (a preemption, not a failure) on the node left, from
+   that checkpoint, and the drained node shuts itself down once its worker is gone. Last in the file, so that no
+   test after it pays for starting the node again (``cluster`` does, for any test that finds a node gone).
 
 ``pytest -s`` prints the timeline (README, Troubleshooting, has the figures and the Ray waits behind them).
 """
@@ -25,13 +30,15 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 from mlflow import MlflowClient
 
 from clip_core import load_checkpoint
+from workflows.train.driver import latest_run_checkpoint
 from workflows.train.loop import CHECKPOINT_PREFIX
+from workflows.train.preemption import STOP_CHECK_EVERY
 
 from ray_head import BIN, RayCluster, ray_cluster, ray_processes_under
 from tiny_data import CONTEXT
@@ -49,12 +56,15 @@ STEPS_AFTER_SHRINK = 120  # an idle 2-core machine trained 43 of them while the 
 # that cannot start (its placement group waits for a node that is gone but not yet marked dead) gives up after 15 s
 # instead of 60. Ray's memory monitor is off: on a shared machine it kills this test's workers for what other
 # processes use (the kernel's OOM killer still guards the machine).
-NODE_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15", "RAY_memory_monitor_refresh_ms": "0", "RAY_DEDUP_LOGS": "0"}
+# Ray Train's controller also reads how often its PreemptionWatcher polls for drains (default 5 s).
+NODE_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15", "RAY_memory_monitor_refresh_ms": "0", "RAY_DEDUP_LOGS": "0",
+            "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}
 RESIZE_INTERVAL_S = 2  # scaling.resize_interval_s: how often Ray Train looks for room to grow (default 60)
 
 GROUP_START = re.compile(r": world (\d+),.* steps (\d+)->(\d+)")  # rank 0, as each worker group starts
 STEP = re.compile(r"\bstep (\d+)/(\d+) loss (\d+\.\d+)")  # rank 0, every train.log_every steps
 WORKER_PID = re.compile(r"\((?:\w+) pid=(\d+)")  # Ray's prefix on a worker's forwarded line
+NOTICE = re.compile(r"preemption notice for ranks .*: checkpointing at step (\d+)")  # every rank, at the check
 
 
 class Driver:
@@ -123,10 +133,17 @@ class Driver:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[RayCluster]:
+def nodes() -> Iterator[RayCluster]:
     worker_node = ("--num-cpus=3",)
     with ray_cluster(("--num-cpus=1",), [worker_node, worker_node], env=NODE_ENV) as running:
         yield running
+
+
+@pytest.fixture
+def cluster(nodes: RayCluster) -> RayCluster:
+    """The module's cluster with every node up: one that an earlier test drained away is started again."""
+    nodes.restore()
+    return nodes
 
 
 @pytest.fixture
@@ -139,10 +156,11 @@ def drivers() -> Iterator[list[Driver]]:
             driver.stop()
 
 
-def _overrides(train_data: Path, home: Path, tracking: str, model: str, run_id: str, steps: int) -> list[str]:
+def _overrides(train_data: Path, home: Path, tracking: str, model: str, run_id: str, steps: int,
+               checkpoint_every: int = CHECKPOINT_EVERY) -> list[str]:
     return [f"home={home}", f"train.data={train_data}", "model.name=tiny-vit", f"tokenizer.context_length={CONTEXT}",
             f"train.global_batch_size={GLOBAL_BATCH}", f"train.max_steps={steps}", "train.warmup_steps=2",
-            "train.log_every=1", f"train.checkpoint_every={CHECKPOINT_EVERY}",
+            "train.log_every=1", f"train.checkpoint_every={checkpoint_every}",
             "train.keep_checkpoints=100",  # every checkpoint stays, so every one must have a version
             "scaling.min_workers=1", "scaling.max_workers=2", "scaling.cpus_per_worker=2",
             f"scaling.resize_interval_s={RESIZE_INTERVAL_S}", "scaling.max_failures=4",
@@ -163,6 +181,12 @@ def _mlflow_run(client: MlflowClient, run_id: str):
     return runs[0]
 
 
+def _assert_checkpoint_position(run_dir: Path, step: int, world_size: int) -> None:
+    """The checkpoint at ``step`` has seen exactly ``step`` global batches, saved by a group of ``world_size``."""
+    state = load_checkpoint(run_dir / f"{CHECKPOINT_PREFIX}{step:08d}").trainer_state
+    assert (state["step"], state["samples_seen"], state["world_size"]) == (step, step * GLOBAL_BATCH, world_size)
+
+
 def _history(client: MlflowClient, mlflow_run_id: str, metric: str) -> list[tuple[int, float]]:
     return sorted((p.step, p.value) for p in client.get_metric_history(mlflow_run_id, metric))
 
@@ -175,6 +199,22 @@ def _assert_clean_history(client: MlflowClient, mlflow_run_id: str, steps: int, 
         logged = collections.Counter(step for step, _ in _history(client, mlflow_run_id, metric))
         assert not [s for s, n in logged.items() if n > 1], (metric, sorted(s for s, n in logged.items() if n > 1))
         assert set(range(complete_from, steps + 1)) <= set(logged) <= set(range(1, steps + 1)), (metric, sorted(logged))
+
+
+def _finished_groups(client: MlflowClient, run_id: str, steps: int, complete_from: int):
+    """The run ended FINISHED with one clean history; its worker groups over time, at the step each started from:
+    (the MLflow run, [(step, world size)], [(step, resumed_from_step)]). The first group has 2 workers, the
+    groups are numbered 1, 2, ... (``group_starts``), and every resumed group resumed from its start step."""
+    run = _mlflow_run(client, run_id)
+    assert run.info.status == "FINISHED"
+    _assert_clean_history(client, run.info.run_id, steps, complete_from=complete_from)
+    world_sizes, starts, resumes = (_history(client, run.info.run_id, m)
+                                    for m in ("world_size", "group_starts", "resumed_from_step"))
+    assert world_sizes[0] == (0, 2), world_sizes
+    assert [v for _, v in starts] == list(range(1, len(world_sizes) + 1)), starts
+    assert [s for s, _ in starts] == [s for s, _ in world_sizes], (starts, world_sizes)
+    assert all(s == v for s, v in resumes), resumes
+    return run, world_sizes, resumes
 
 
 def _assert_every_checkpoint_registered(client: MlflowClient, model: str, mlflow_run_id: str,
@@ -242,23 +282,15 @@ def test_a_lost_node_shrinks_the_group_resumes_exactly_and_grows_back(
         losses[int(m[1])].append(m[3])
     retrained = {s: v for s, v in losses.items() if len(v) > 1}
     assert resumed + 1 in retrained and all(len(set(v)) == 1 for v in retrained.values()), retrained
-    final = load_checkpoint(run_dir / f"{CHECKPOINT_PREFIX}{steps:08d}").trainer_state
-    assert (final["step"], final["samples_seen"], final["world_size"]) == (steps, steps * GLOBAL_BATCH, 2)
+    _assert_checkpoint_position(run_dir, steps, world_size=2)
 
     client = MlflowClient(mlflow_server.uri)
-    run = _mlflow_run(client, run_id)
-    assert run.info.status == "FINISHED"
     # A torn-down group (the lost node, then the resize) takes the points its rank 0 had not delivered with it;
-    # the steps it trained after the checkpoint the next group restores are trained and logged again.
-    _assert_clean_history(client, run.info.run_id, steps, complete_from=regrown + 1)
-    # World size, worker-group starts and resume points over time, at the step each group started from (a busy
-    # machine may lose a worker before the kill too: those restarts come first).
-    world_sizes, starts = (_history(client, run.info.run_id, m) for m in ("world_size", "group_starts"))
-    assert world_sizes[0] == (0, 2) and world_sizes[-2:] == [(resumed, 1), (regrown, 2)], world_sizes
-    assert [v for _, v in starts] == list(range(1, len(world_sizes) + 1)), starts
-    assert [s for s, _ in starts] == [s for s, _ in world_sizes], (starts, world_sizes)
-    resumes = _history(client, run.info.run_id, "resumed_from_step")
-    assert resumes[-2:] == [(resumed, resumed), (regrown, regrown)] and all(s == v for s, v in resumes), resumes
+    # the steps it trained after the checkpoint the next group restores are trained and logged again. A busy
+    # machine may lose a worker before the kill too: those restarts come first.
+    run, world_sizes, resumes = _finished_groups(client, run_id, steps, complete_from=regrown + 1)
+    assert world_sizes[-2:] == [(resumed, 1), (regrown, 2)], world_sizes
+    assert resumes[-2:] == [(resumed, resumed), (regrown, regrown)], resumes
     registered = _assert_every_checkpoint_registered(client, model, run.info.run_id, run_dir)
     assert registered == list(range(CHECKPOINT_EVERY, steps + 1, CHECKPOINT_EVERY))
 
@@ -316,3 +348,72 @@ def test_a_stopped_driver_is_continued_by_the_same_command(
           f"later; the same command continued from step {kept[-1]}: group started {start_t - second.started:.1f} s, "
           f"training again {again_t - second.started:.1f} s after it was started; the finished run's re-run took "
           f"{third.lines[-1][0] - third.started:.1f} s; registered steps {registered}")
+
+
+@pytest.mark.timeout(900)
+def test_a_drained_node_checkpoints_then_the_group_restarts_from_that_checkpoint(
+        cluster: RayCluster, drivers: list[Driver], mlflow_server, train_data: Path, tmp_path: Path) -> None:
+    # No checkpoint_every grid inside the run: its checkpoints are the preemption's and the final one, so the
+    # restart can only come from the former. 60 steps leave the group of 1 some 40 to train after it.
+    steps, run_id, model = 60, f"drain-{uuid.uuid4().hex[:6]}", f"drain-{uuid.uuid4().hex[:6]}"
+    run_dir = tmp_path / "runs" / run_id
+    driver = Driver(cluster, _overrides(train_data, tmp_path, mlflow_server.uri, model, run_id, steps,
+                                        checkpoint_every=10 * steps), tmp_path / "driver.log")
+    drivers.append(driver)
+    _, first, _ = driver.wait_for(GROUP_START, timeout=300)
+    assert (int(first[1]), int(first[2])) == (2, 0), driver.tail()
+    driver.wait_for(STEP, timeout=300, accept=lambda m: int(m[1]) >= 2)
+    victim = _rank0_node(cluster, driver)
+    drained_at = time.monotonic()
+    cluster.drain_node(victim, deadline_s=600)  # a deadline far off: the test brings it forward below
+
+    # Every rank sees the notice at its next stop check; rank 0 saves (and uploads) a checkpoint there and the
+    # group trains on. Once Ray Train registered it, the node's deadline comes: Ray Train restarts the group.
+    notice_t, notice, _ = driver.wait_for(NOTICE, timeout=300)
+    saved = int(notice[1])
+    assert saved % STOP_CHECK_EVERY == 0 and saved > 2, driver.tail()
+    _wait_until(lambda: latest_run_checkpoint(str(run_dir), "") == (str(run_dir / f"{CHECKPOINT_PREFIX}{saved:08d}"),
+                                                                     True), 120, driver)
+    driver.wait_for(STEP, timeout=120, accept=lambda m: int(m[1]) > saved)  # trained on past the checkpoint
+    deadline_at = time.monotonic()
+    cluster.drain_node(victim, deadline_s=1)
+
+    restart_t, restart, _ = driver.wait_for(GROUP_START, timeout=300, after=deadline_at)
+    assert (int(restart[1]), int(restart[2]), int(restart[3])) == (1, saved, steps), driver.tail()
+    again_t, again, _ = driver.wait_for(STEP, timeout=120, after=deadline_at)
+    assert int(again[1]) == saved + 1
+    # The drained node shuts itself down once its worker is gone (nothing here stops it). Until then Ray Train's
+    # elastic policy counts it: the restart first waits the start timeout for a group of 2.
+    _wait_until(lambda: cluster.node_id(victim) is None, 300, driver)
+    gone_t = time.monotonic()
+    assert driver.wait(timeout=600) == 0, driver.tail()
+    output = "\n".join(line for _, line in driver.lines)
+    assert "Source: preemption" in output, output[-6000:]  # Ray Train's failure policy: not scaling.max_failures
+
+    # Exact resume: step saved + 1 trained by both groups, with the same loss; the right samples at the end.
+    losses = {m[3] for _, m, _ in driver.find(STEP) if int(m[1]) == saved + 1}
+    assert len(losses) == 1, losses
+    _assert_checkpoint_position(run_dir, saved, world_size=2)
+    _assert_checkpoint_position(run_dir, steps, world_size=1)
+
+    client = MlflowClient(mlflow_server.uri)
+    run, world_sizes, resumes = _finished_groups(client, run_id, steps, complete_from=saved + 1)
+    assert world_sizes[-1] == (saved, 1), world_sizes
+    assert resumes[-1] == (saved, saved), resumes
+    registered = _assert_every_checkpoint_registered(client, model, run.info.run_id, run_dir)
+    assert registered == [saved, steps]
+
+    print(f"\n[multinode] drained {victim} (rank 0): preemption checkpoint at step {saved} "
+          f"{notice_t - drained_at:.1f} s later; deadline moved to now -> group of 1 from step {saved} "
+          f"{restart_t - deadline_at:.1f} s, training again {again_t - deadline_at:.1f} s, node gone "
+          f"{gone_t - deadline_at:.1f} s after; run done in {driver.lines[-1][0] - driver.started:.0f} s; "
+          f"registered steps {registered}")
+
+
+def _wait_until(done: Callable[[], bool], timeout: float, driver: Driver) -> None:
+    """Poll ``done`` until it holds; fail after ``timeout``, with the driver's last lines."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not reached within {timeout:.0f} s (driver exit {driver.proc.poll()}):\n{driver.tail()}")
+        time.sleep(0.5)

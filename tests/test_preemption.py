@@ -1,29 +1,36 @@
 """Stop and preemption (``workflows.train.preemption``): the ranks' agreement on a gloo group of two processes
 (no Ray), and a real `clipflow train` driver stopped by SIGTERM mid-run: a stop checkpoint off the
 checkpoint_every grid, registered, the MLflow run KILLED, exit code 130, and the same command with the same run
-id continuing from exactly that step, in the same MLflow run."""
+id continuing from exactly that step, in the same MLflow run. Then the head pod's preStop hook
+(``workflows.ops.stop_jobs``) on a real `ray start` head with token auth: it stops a running job through the job API
+(SIGTERM, a graceful stop that outlasts Ray's default 3 s), waits for it to end STOPPED, and returns at its deadline
+when a job takes longer. (A node drained for preemption: ``test_multinode.py``.)"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from mlflow import MlflowClient
 
 from clip_core import load_checkpoint
 from workflows.common.config import load_config
-from workflows.common.errors import EXIT_INTERRUPTED, EXIT_OK
+from workflows.common.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USER_ERROR
 from workflows.common.runtime import free_port
-from workflows.tracking.client import tracking_uri
+from workflows.ops.submit import STOP_WAIT_ENV
+from workflows.tracking.run import tracking_uri
 from workflows.train.preemption import STOP_CHECK_EVERY, agree
 
+from ray_head import RayHead, ray_head
 from tiny_data import CONTEXT
 
 REPO = Path(__file__).resolve().parent.parent
@@ -124,3 +131,94 @@ def test_sigterm_checkpoints_ends_killed_and_the_run_id_continues_there(ray_runt
     assert continued.info.run_id == run.info.run_id and continued.info.status == "FINISHED"
     assert sorted(p.step for p in client.get_metric_history(run.info.run_id, "loss")) == list(
         range(1, stopped + 3))
+
+
+# A job's driver on the head, as `clipflow train` is one: on SIGTERM it takes stop_s to stop (a stop checkpoint's
+# save and upload: longer than Ray's default 3 s before SIGKILL), leaves a mark that it did, and exits 130 (DriverStop).
+GRACEFUL_JOB = """
+import pathlib, signal, sys, time
+def stop(signum, frame):
+    time.sleep({stop_s})
+    pathlib.Path({mark!r}).write_text("stopped gracefully")
+    sys.exit(130)
+signal.signal(signal.SIGTERM, stop)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture(scope="module")
+def job_head() -> Iterator[RayHead]:
+    """A `ray start` head with the job server, token auth and, as ray_cluster.yaml gives the head pod, the time a job
+    stop waits before SIGKILL."""
+    with ray_head(num_cpus=1, env={STOP_WAIT_ENV: "120"}) as head:
+        yield head
+
+
+def _hook(head: RayHead, deadline_s: float, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The head pod's preStop command, run as the pod runs it (the token in RAY_AUTH_TOKEN, as KubeRay sets it)."""
+    done = subprocess.run([sys.executable, "-m", "workflows.ops.stop_jobs", "--address", head.dashboard,
+                           "--deadline-seconds", str(deadline_s)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "RAY_AUTH_TOKEN": token or head.token}, timeout=deadline_s + 120)
+    assert head.token not in done.stdout + done.stderr
+    return done
+
+
+def _running_job(head: RayHead, mark: Path, stop_s: int):
+    """A client of the head's job server and a GRACEFUL_JOB it runs, once the job has its SIGTERM handler."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(head.dashboard, headers={"Authorization": f"Bearer {head.token}"})
+    job_id = client.submit_job(entrypoint=shlex.join(
+        [sys.executable, "-c", GRACEFUL_JOB.format(stop_s=stop_s, mark=str(mark))]))
+    deadline = time.monotonic() + 120
+    while "ready" not in client.get_job_logs(job_id):
+        assert time.monotonic() < deadline and str(client.get_job_status(job_id).value) in ("PENDING", "RUNNING"), (
+            client.get_job_status(job_id), client.get_job_logs(job_id))
+        time.sleep(0.5)
+    return client, job_id
+
+
+def test_the_head_prestop_hook_refuses_what_it_cannot_do_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from workflows.ops.stop_jobs import main
+
+    assert main(["--deadline-seconds", "0"]) == EXIT_USER_ERROR
+    assert capsys.readouterr().err.strip() == "stop_jobs: error: --deadline-seconds must be > 0, got 0.0"
+    nobody = f"http://127.0.0.1:{free_port()}"
+    assert main(["--address", nobody, "--deadline-seconds", "5"]) == EXIT_USER_ERROR
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"stop_jobs: error: the Ray job server at {nobody} does not answer"), line
+
+
+@pytest.mark.timeout(300)
+def test_the_head_prestop_hook_with_no_running_job_returns_at_once(job_head: RayHead) -> None:
+    done = _hook(job_head, deadline_s=60)
+    assert done.returncode == EXIT_OK and "no running job to stop" in done.stderr, done.stderr
+    refused = _hook(job_head, deadline_s=60, token="not-the-token")
+    assert refused.returncode == EXIT_USER_ERROR, refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith("stop_jobs: error: the Ray job server"), refused.stderr
+    assert "Traceback" not in refused.stderr and "not-the-token" not in refused.stderr
+
+
+@pytest.mark.timeout(300)
+def test_the_head_prestop_hook_stops_a_running_job_gracefully_and_waits_for_it(job_head: RayHead,
+                                                                               tmp_path: Path) -> None:
+    client, job_id = _running_job(job_head, tmp_path / "stopped", stop_s=5)
+    done = _hook(job_head, deadline_s=60)
+    assert done.returncode == EXIT_OK, done.stderr
+    assert f"stopping job {job_id}" in done.stderr and f"job {job_id} ended STOPPED" in done.stderr, done.stderr
+    assert str(client.get_job_status(job_id).value) == "STOPPED"
+    assert (tmp_path / "stopped").read_text() == "stopped gracefully"  # SIGTERM, then time to stop: no SIGKILL
+
+
+@pytest.mark.timeout(300)
+def test_the_head_prestop_hook_returns_at_its_deadline(job_head: RayHead, tmp_path: Path) -> None:
+    client, job_id = _running_job(job_head, tmp_path / "stopped", stop_s=10)
+    early = _hook(job_head, deadline_s=2)
+    assert early.returncode == EXIT_FAILED, early.stderr
+    assert f"{job_id} still running at the 2 s deadline" in early.stderr, early.stderr
+    assert str(client.get_job_status(job_id).value) == "RUNNING" and not (tmp_path / "stopped").exists()
+    # The job goes on stopping gracefully; the hook run again waits for it.
+    again = _hook(job_head, deadline_s=60)
+    assert again.returncode == EXIT_OK and f"job {job_id} ended STOPPED" in again.stderr, again.stderr
+    assert (tmp_path / "stopped").read_text() == "stopped gracefully"

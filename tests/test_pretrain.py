@@ -22,7 +22,8 @@ from PIL import Image
 from clip_core import ClipLoss, Tokenizer, load_checkpoint, normalize, save_checkpoint
 from workflows.common.config import load_config
 from workflows.common.errors import UserError
-from workflows.tracking.client import TrainingTracking, tracking_uri
+from workflows.tracking.run import tracking_uri
+from workflows.tracking.tracker import TrainingTracking
 from workflows.train import loop as train_loop
 from workflows.train.driver import prepare_run, run_training
 from workflows.train.feed import (ROW_ORDER, SOURCE_BLOCKS, STREAM_ORDER, DataOrder, Permutation, Shard, _padded,

@@ -17,9 +17,10 @@ from mlflow.entities import LoggedModelStatus, Metric
 from clip_core import build_zero_shot_classifier, load_checkpoint, load_templates, save_checkpoint
 from clip_core.checkpoint import MANIFEST, TRAINER_STATE_FILE, TRAINING_STATE_FILE
 from clip_core.embed import embed_images, embed_texts, images_to_tensor
+from workflows.common import storage
 from workflows.common.errors import UserError
 from workflows.tracking import claims, registry
-from workflows.tracking.client import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
+from workflows.tracking.run import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND
 
 from mlflow_helpers import COLORS, jpeg, make_checkpoint, publish, train_tokenizer, training_run, unique_name
 
@@ -93,6 +94,28 @@ def test_published_version_has_tags_and_loads_from_its_source_alone(env):
     assert model_id in {o.model_id for o in run.outputs.model_outputs}
     # publishing the same (run, step) again is idempotent (a retry after a timeout)
     assert publish(client, name, env["run_id"], env["checkpoint"], step=10) == env["version"]
+
+
+def test_publishing_from_s3_downloads_only_what_the_version_keeps(env, s3_server, tmp_path):
+    """The AdamW state (two thirds of a training checkpoint) stays in storage: a checkpoint on S3 whose training
+    state is damaged still publishes its intact weights, which it could not if publishing fetched that file."""
+    client, name = env["client"], env["name"]
+    bucket = s3_server.create_bucket("publish-lean")
+    uri = f"s3://{bucket}/run/checkpoint_00000020"
+    for file in sorted(p for p in env["checkpoint"].rglob("*") if p.is_file()):
+        relative = file.relative_to(env["checkpoint"]).as_posix()
+        data = b"damaged" if relative == TRAINING_STATE_FILE else file.read_bytes()
+        storage.write_bytes(f"{uri}/{relative}", data, s3_server.endpoint)
+    staged = registry.stage_weights(uri, s3_server.endpoint, tmp_path, wait_s=0)
+    assert not (tmp_path / "staged" / TRAINING_STATE_FILE).exists()
+    assert TRAINING_STATE_FILE not in {p.name for p in staged.iterdir()}
+    mv = registry.publish_checkpoint(client, name=name, run_id=env["run_id"], checkpoint_uri=uri, step=20,
+                                     samples_seen=160, templates=load_templates(), endpoint=s3_server.endpoint)
+    assert mv.tags["checkpoint_uri"] == uri and mv.tags["step"] == "20"
+    loaded = load_checkpoint(registry.download_checkpoint(client, mv, tmp_path / "dl"))
+    original = load_checkpoint(env["checkpoint"])
+    for key, tensor in original.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], tensor), key
 
 
 def test_pyfunc_serves_texts_and_images_with_candidate_labels(env):

@@ -23,8 +23,8 @@ from mlflow import MlflowClient
 from clip_core import Tokenizer, create_model, save_checkpoint
 from workflows.common.config import Config, load_config
 from workflows.common.runtime import free_port
-from workflows.tracking.client import (ATTEMPT_TAG, ATTEMPTS_TAG, LOST, PREVIOUS_END_TAG, Tracker, TrainingTracking,
-                                       tracking_uri)
+from workflows.tracking.run import ATTEMPT_TAG, ATTEMPTS_TAG, LOST, PREVIOUS_END_TAG, tracking_uri
+from workflows.tracking.tracker import Tracker, TrainingTracking
 from workflows.train.driver import run_training
 from workflows.train.loop import TrainDebug, publish_kept
 
@@ -147,7 +147,7 @@ def test_group_starts_count_on_across_groups_and_drivers(mlflow_server, home: Pa
 DOOMED_RANK0 = """
 import json, os, signal, sys, time
 from workflows.common.config import load_config
-from workflows.tracking.client import Tracker
+from workflows.tracking.tracker import Tracker
 overrides, run_key, checkpoint = json.loads(sys.argv[1])
 tracker = Tracker(load_config(None, overrides), run_key=run_key)
 tracker.publish_checkpoint(checkpoint, 4, 32, final=False)

@@ -24,7 +24,8 @@ from workflows.common.config import ConfigError, load_config
 from workflows.common.errors import UserError
 from workflows.ops.cli import main
 from workflows.ops.stages import format_train
-from workflows.tracking.client import RUN_KEY_TAG, TrainingTracking, tracking_uri
+from workflows.tracking.run import RUN_KEY_TAG, tracking_uri
+from workflows.tracking.tracker import TrainingTracking
 from workflows.train.driver import latest_run_checkpoint, prepare_run, run_training
 from workflows.train.loop import TrainDebug, build_model
 

@@ -161,7 +161,14 @@ def test_zero_shot_classifiers_are_cached_per_label_tuple(served):
     ({"dataframe_records": [{"text": 42}]}, "row 0: text must be a string"),
     ({"inputs": {"image": [b64(RED), None], "text": [None, "a red square"]}},
      "row 1: image is the text 'None'"),
-], ids=["no-image-or-text-column", "bad-base64", "not-an-image", "empty-row", "text-not-a-string", "null-in-inputs"])
+    ({"dataframe_records": [{"image": b64(RED)}], "params": {"candidate_labels": [f"c{i}" for i in range(1001)]}},
+     "1001 candidate_labels, more than the 1000"),
+    ({"dataframe_records": [{"image": b64(RED)}], "params": {"candidate_labels": ["red", "blue", "red"]}},
+     "candidate_labels repeat 'red'"),
+    ({"dataframe_records": [{"image": b64(RED)}], "params": {"candidate_labels": ["red", " "]}},
+     "every candidate label must be a non-empty string"),
+], ids=["no-image-or-text-column", "bad-base64", "not-an-image", "empty-row", "text-not-a-string", "null-in-inputs",
+        "too-many-labels", "repeated-label", "blank-label"])
 def test_bad_requests_get_400_with_a_message_naming_the_problem(served, request_body, message):
     status, body = post(served, request_body)
     assert status == 400 and message in body["message"], body

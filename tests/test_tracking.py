@@ -1,7 +1,7 @@
 """The rank-0 Tracker against a real ``mlflow server``: one run per run key, params/tags/artifacts,
-no metric step lost across a server outage, a bounded buffer, checkpoint publication; a server that is down
-when the run ends (the spool and `clipflow sync`), a hung server, runs ended FAILED/KILLED, and no
-credentials in what is logged."""
+no metric step lost across a server outage, a bounded buffer, checkpoint publication (metric points never wait
+behind a slow one); a server that is down when the run ends (the spool and `clipflow sync`), a hung server,
+runs ended FAILED/KILLED, and no credentials in what is logged."""
 
 from __future__ import annotations
 
@@ -20,13 +20,15 @@ import pytest
 from mlflow import MlflowClient
 
 from clip_core import Tokenizer, create_model, save_checkpoint
+from clip_core.checkpoint import MODEL_FILE
 from workflows.common import runtime
 from workflows.common.config import load_config
 from workflows.common.errors import UserError
 from workflows.common.runtime import free_port
 from workflows.ops import cli
-from workflows.tracking.client import RUN_KEY_TAG, Tracker, TrainingTracking, scrub_uri, tracking_uri
+from workflows.tracking.run import RUN_KEY_TAG, get_or_create_experiment, scrub_uri, tracking_uri
 from workflows.tracking.spool import PENDING_FILE, Spool
+from workflows.tracking.tracker import Tracker, TrainingTracking
 
 from mlflow_helpers import tracking_home
 
@@ -180,6 +182,49 @@ def test_publish_checkpoint_registers_pending_version(mlflow_server, home: Path,
     assert versions["2"].tags["checkpoint_uri"] == str(uploading)
 
 
+def wait_until(done, what: str, bound_s: float = 120.0) -> None:
+    """Until ``done()`` (a hang guard, not a timing assertion)."""
+    deadline = time.monotonic() + bound_s
+    while not done():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.2)
+
+
+def test_metric_points_reach_the_server_while_a_publication_is_pending(
+        mlflow_server, home: Path, tokenizer: Tokenizer, caplog: pytest.LogCaptureFixture) -> None:
+    """A store that shows a checkpoint's files before their bytes: every file its checkpoint.json lists exists,
+    but the weights do not verify yet, so the publication waits (registry.stage_checkpoint retries). Points
+    logged meanwhile reach the server while it waits (on one delivery thread they queued behind it, and died
+    with rank 0 when its group was torn down); the version follows once the weights land."""
+    cfg = make_cfg(home, mlflow_server.uri, f"mlflow.registered_model=track-{uuid.uuid4().hex[:8]}")
+    name, client = cfg.mlflow.registered_model, MlflowClient(mlflow_server.uri)
+    model = create_model("tiny-vit", vocab_size=tokenizer.vocab_size, context_length=16)
+    whole = save_checkpoint(home / "whole" / "checkpoint_00000002", model, tokenizer, trainer_state={"step": 2})
+    landing = home / "runs" / "checkpoint_00000002"
+    shutil.copytree(whole, landing)
+    (landing / MODEL_FILE).write_bytes(b"")  # listed and present, its bytes not there yet
+    caplog.set_level(logging.WARNING, logger="clipflow.tracking")
+    tracker = Tracker(cfg, run_key="slow-publication")
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    wait_until(lambda: tracker.run_id and not tracker.buffered, "the first point reached the server")
+    assert tracker.publish_checkpoint(str(landing), step=2, samples_seen=16, final=False) is None
+    # Publishing has begun (it creates the registered model first) and now waits for the weights.
+    wait_until(lambda: client.search_registered_models(f"name='{name}'"), "the publication started")
+    for step in (2, 3, 4):
+        tracker.log_metrics({"loss": 1.0 / step}, step=step)
+    wait_until(lambda: len(client.get_metric_history(tracker.run_id, "loss")) == 4, "the later points arrived")
+    assert client.search_model_versions(f"name='{name}'") == [], "the publication should still be waiting"
+    assert "is not registered" not in caplog.text, "the points arrived only once the publication gave up"
+    shutil.copy(whole / MODEL_FILE, landing / f"{MODEL_FILE}.part")
+    os.replace(landing / f"{MODEL_FILE}.part", landing / MODEL_FILE)  # the weights land
+    tracker.close()
+    run = client.get_run(tracker.run_id)
+    assert sorted(m.step for m in client.get_metric_history(tracker.run_id, "loss")) == [1, 2, 3, 4]
+    (version,) = client.search_model_versions(f"name='{name}'")
+    assert version.tags["step"] == "2" and version.run_id == tracker.run_id
+    assert run.info.status == "FINISHED" and run.info.end_time >= version.creation_timestamp  # ended after it
+
+
 def test_checkpoint_deleted_before_publication_is_dropped_and_later_ones_still_register(
         mlflow_server, home: Path, tokenizer: Tokenizer, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -254,6 +299,7 @@ def test_server_down_at_close_loses_nothing_and_sync_delivers_it_once(
                                 trainer_state={"step": 4})
         assert tracker.publish_checkpoint(str(final), step=4, samples_seen=32, final=True) is None
         tracker.close()
+        assert sum("training goes on" in r.getMessage() for r in caplog.records) == 1, "one warning per outage"
         lines = [r.getMessage() for r in caplog.records if "clipflow sync" in r.getMessage()]
         assert len(lines) == 1 and f"`clipflow sync {tracker.spool.directory}`" in lines[0]
         assert "2 checkpoint registrations" in lines[0] and "the run's end (FINISHED)" in lines[0]
@@ -345,8 +391,6 @@ def test_the_driver_ends_a_run_its_workers_left_running(mlflow_server, home: Pat
     cfg = make_cfg(home, mlflow_server.uri)
     setup = SimpleNamespace(run_name=f"left-{uuid.uuid4().hex[:6]}", manifest_hash="abc123")
     client = MlflowClient(mlflow_server.uri)
-    from workflows.tracking.client import get_or_create_experiment
-
     run = client.create_run(get_or_create_experiment(client, cfg.mlflow.experiment), run_name=setup.run_name,
                             tags={RUN_KEY_TAG: setup.run_name})  # what rank 0 left behind
     assert TrainingTracking.for_config(cfg).end(setup, status) == run.info.run_id

@@ -22,10 +22,12 @@ import fnmatch
 import os
 import posixpath
 import re
+import shutil
 import time
 import uuid
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterable
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -37,6 +39,7 @@ _WILDCARDS = "*?["
 TEMP_PREFIX = ".tmp-"
 STALE_TEMP_S = 30 * 60  # margin for clocks that differ between hosts sharing a file system
 _swept: set[str] = set()  # directories whose stale temp files this process removed
+COPY_CHUNK_BYTES = 8 << 20  # a download streams through memory in pieces this big
 
 # errno -> what to do; pyarrow's OSErrors carry the errno too
 NON_TRANSIENT_ERRNOS = {
@@ -143,12 +146,17 @@ def read_bytes(uri: str, endpoint: str | None = None) -> bytes:
         return f.read()
 
 
-def download_tree(uri: str, local_dir: Path, endpoint: str | None = None) -> Path:
-    """Copy every file under directory ``uri`` into ``local_dir``, keeping relative paths; returns ``local_dir``."""
-    for file_uri in list_files(uri, endpoint, recursive=True):
-        local = local_dir / file_uri[len(uri.rstrip("/")) + 1:]
+def download_tree(uri: str, local_dir: Path, endpoint: str | None = None, names: Iterable[str] | None = None) -> Path:
+    """Copy every file under directory ``uri`` (or only ``names``, paths relative to it) into ``local_dir``,
+    keeping relative paths; returns ``local_dir``. Files are streamed: a multi-GB file never sits in memory."""
+    base = uri.rstrip("/")
+    relative = (file_uri[len(base) + 1:] for file_uri in list_files(uri, endpoint, recursive=True))
+    for name in relative if names is None else names:
+        local = local_dir / name
         local.parent.mkdir(parents=True, exist_ok=True)
-        local.write_bytes(read_bytes(file_uri, endpoint))
+        fs, path = resolve(join(base, name), endpoint)
+        with fs.open_input_stream(path) as source, open(local, "wb") as target:
+            shutil.copyfileobj(source, target, COPY_CHUNK_BYTES)
     return local_dir
 
 

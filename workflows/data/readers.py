@@ -395,27 +395,31 @@ def _parquet_rows(batch: pa.RecordBatch, image_col: str, caption_col: str, name:
 def _manifest_rows(source: Source, endpoint: str) -> Iterator[dict | None]:
     """Rows of a CSV/JSONL manifest as dicts (None for a row that cannot be parsed or is not an object).
 
-    Bytes are decoded with ``surrogateescape`` so text that is not UTF-8 survives to the checks as its
-    original bytes instead of failing the whole file; a leading BOM (Excel's CSVs) is dropped.
+    The file is streamed, so a manifest of any length holds one row in memory. Bytes are decoded with
+    ``surrogateescape`` so text that is not UTF-8 survives to the checks as its original bytes instead of
+    failing the whole file; a leading BOM (Excel's CSVs) is dropped. JSONL rows end at a newline only (a
+    U+2028 inside a JSON string is text, as JSON says).
     """
-    text = storage.read_bytes(source.uri, endpoint).decode("utf-8-sig", errors="surrogateescape")
-    if source.format == "csv":
-        rows = csv.DictReader(io.StringIO(text))
-        while True:
+    fs, path = storage.resolve(source.uri, endpoint)
+    with fs.open_input_stream(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape",
+                                                             newline="") as text:
+        if source.format == "csv":
+            rows = csv.DictReader(text)
+            while True:
+                try:
+                    yield next(rows)
+                except StopIteration:
+                    return
+                except csv.Error:  # e.g. a field over csv.field_size_limit(); the reader goes on at the next line
+                    yield None
+        for line in text:
+            if not line.strip():
+                continue
             try:
-                yield next(rows)
-            except StopIteration:
-                return
-            except csv.Error:  # e.g. a field over csv.field_size_limit(); the reader goes on at the next line
-                yield None
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):  # JSONDecodeError, a 5000-digit int, [[[[... nested too deep
-            row = None
-        yield row if isinstance(row, dict) else None
+                row = json.loads(line)
+            except (ValueError, RecursionError):  # JSONDecodeError, a 5000-digit int, [[[[... nested too deep
+                row = None
+            yield row if isinstance(row, dict) else None
 
 
 def _caption_bytes(caption: object) -> bytes | None:

@@ -50,7 +50,7 @@ from workflows.data.tokenizer_io import load_tokenizer
 from workflows.eval.linear_probe import linear_probe_result
 from workflows.eval.plots import log_dataset
 from workflows.tracking import claims, registry
-from workflows.tracking.client import get_or_create_experiment, mlflow_key, tracking_uri
+from workflows.tracking.run import get_or_create_experiment, mlflow_key, tracking_uri
 
 log = get_logger("eval")
 
@@ -231,17 +231,17 @@ def run_eval_checkpoint(cfg: Config, path: str) -> EvalResult:
     model, tokenizer = _load_model(cfg, path)
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
     client = mlflow.MlflowClient(uri) if uri else None
+    ensure_ray()  # before the run exists: from its creation on, the run ends as what happens
     eval_run = None
     if client is not None:
         experiment = get_or_create_experiment(client, f"{cfg.mlflow.experiment}-eval")
         eval_run = client.create_run(experiment, run_name=f"eval-{storage.basename(path)}", tags={
             "clipflow.stage": "eval", "clipflow.checkpoint": path}).info.run_id
-    ensure_ray()
     try:
         metrics, num_classes, rate = _evaluate_model(cfg, model, tokenizer, client, eval_run)
-    except BaseException:
+    except BaseException as exc:  # ended as what happened (Ctrl-C: KILLED), then the error goes on
         if eval_run is not None:
-            client.set_terminated(eval_run, "FAILED")
+            client.set_terminated(eval_run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     if eval_run is not None:
         _log_results(client, eval_run, metrics, rate)

@@ -33,6 +33,7 @@ import yaml
 
 from workflows.common.errors import UserError
 from workflows.ops.project import project_root
+from workflows.train.preemption import STOP_WAIT_S
 
 KUBERNETES_VERSION = "1.32.0"  # oldest Kubernetes minor still supported upstream when this was pinned
 KUBERAY_KINDS = ("RayCluster", "RayJob", "RayCronJob")
@@ -56,6 +57,9 @@ _VAR_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 PREEMPTION_DRAIN = re.compile(r"ray drain-node .*--reason DRAIN_NODE_REASON_PREEMPTION\b.*"
                               r"--deadline-remaining-seconds (\d+) && sleep (\d+)", re.S)
 RAY_STOP_MARGIN_S = 20
+# The head pod's preStop hook (workflows.ops.stop_jobs): stop the jobs whose drivers run there, wait up to N s.
+HEAD_STOP_HOOK = re.compile(r"\bpython -m workflows\.ops\.stop_jobs\b.*--deadline-seconds (\d+)\b")
+JOB_STOP_WAIT_ENV = "RAY_JOB_STOP_WAIT_TIME_S"  # Ray's job supervisor: SIGKILL this long after a job's SIGTERM
 
 
 def load_documents(path: str | Path) -> list[dict[str, Any]]:
@@ -292,6 +296,8 @@ def check_ray_cluster_spec(spec: dict[str, Any], where: str) -> list[str]:
         # and /tmp, so Ray pods keep a writable root filesystem; everything else is still enforced.
         errors += check_pod_spec(pod, f"{at}.template.spec", read_only_root=False)
         errors += _check_shm(pod, at)
+        if path == "headGroupSpec":
+            errors += _check_head_stop_hook(pod, at)
         if gpus_of(group):
             errors += _check_preemption_notice(pod, at)
         for gpu_container in pod.get("containers", []):
@@ -318,6 +324,34 @@ def _check_preemption_notice(pod: dict[str, Any], at: str) -> list[str]:
                 f"Ray {RAY_STOP_MARGIN_S} s to stop within terminationGracePeriodSeconds ({grace}): set it to at least "
                 f"{max(deadline, wait) + RAY_STOP_MARGIN_S}"]
     return []
+
+
+def _check_head_stop_hook(pod: dict[str, Any], at: str) -> list[str]:
+    """The head pod runs the job drivers: deleted or evicted, it first stops its jobs gracefully (their drivers get
+    SIGTERM; clipflow train saves a stop checkpoint) and waits for them, past the driver's own stop wait and inside the
+    grace period; and Ray's job supervisor must not SIGKILL a driver before that wait is over."""
+    container = (pod.get("containers") or [{}])[0]  # the Ray container (the operator's convention)
+    hook = " ".join(map(str, container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])))
+    found = HEAD_STOP_HOOK.search(hook)
+    if found is None:
+        return [f"{at}: the head container needs a preStop hook `python -m workflows.ops.stop_jobs --deadline-seconds "
+                f"N`, so a deleted or evicted head pod stops its jobs gracefully (a stop checkpoint) instead of "
+                f"SIGKILLing their drivers (see ray_cluster.yaml)"]
+    deadline = int(found.group(1))
+    grace = pod.get("terminationGracePeriodSeconds", 30)  # Kubernetes' default
+    errors = []
+    if deadline < STOP_WAIT_S:
+        errors.append(f"{at}: the head's stop hook waits {deadline} s, less than a stopped driver may take to save its "
+                      f"stop checkpoint ({STOP_WAIT_S:.0f} s): set --deadline-seconds to at least {STOP_WAIT_S:.0f}")
+    if deadline + RAY_STOP_MARGIN_S > grace:
+        errors.append(f"{at}: the head's stop hook ({deadline} s) must leave Ray {RAY_STOP_MARGIN_S} s to stop within "
+                      f"terminationGracePeriodSeconds ({grace}): set it to at least {deadline + RAY_STOP_MARGIN_S}")
+    wait = next((str(v.get("value", "")) for v in container.get("env", []) if v.get("name") == JOB_STOP_WAIT_ENV), "")
+    if not wait.isdigit() or int(wait) < deadline:
+        errors.append(f"{at}: set env {JOB_STOP_WAIT_ENV} to at least the stop hook's {deadline} s in the head "
+                      f"container (it has {wait or 'none'}; Ray's job supervisor SIGKILLs a stopped driver after it, "
+                      f"3 s by default, before its stop checkpoint)")
+    return errors
 
 
 def _check_autoscaler(spec: dict[str, Any], where: str) -> list[str]:

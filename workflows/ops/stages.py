@@ -124,7 +124,7 @@ class Sync:
 
     @staticmethod
     def main(cfg: Config, args: argparse.Namespace) -> int:
-        from workflows.tracking.client import sync
+        from workflows.tracking.sync import sync
 
         result = sync(args.path, cfg)
         if not result.run_id:
@@ -138,7 +138,7 @@ class Sync:
 
 def train_with_tracking(cfg: Config) -> TrainResult:
     """`clipflow train`: the training stage with its MLflow run (what the CLI and the demo run)."""
-    from workflows.tracking.client import TrainingTracking
+    from workflows.tracking.tracker import TrainingTracking
     from workflows.train.driver import run_training
 
     requested = cfg.model.pretrained  # what checkpoints record: a models:/ URI resolves to another path over time
@@ -154,7 +154,7 @@ def resolve_pretrained(cfg: Config) -> Config:
     from clip_core.checkpoint import MANIFEST
     from workflows.artifacts import CheckpointInfo
     from workflows.tracking import registry
-    from workflows.tracking.client import client_for
+    from workflows.tracking.run import client_for
 
     uri, endpoint = cfg.model.pretrained, cfg.storage.s3_endpoint
     if not uri.startswith(REGISTERED_MODEL_URI):

@@ -3,9 +3,11 @@
 A publication (``registry.publish_checkpoint``: a model version, eval_status=pending) waits in the queue
 until its checkpoint is complete: Ray uploads non-final checkpoints asynchronously, so it waits until every
 file listed in its ``checkpoint.json`` exists. Publications go one at a time and in order, on the caller's
-thread (the Tracker's delivery thread, or `clipflow sync`), so training never waits for an upload or a
-registration. Publishing twice is harmless: the registry finds the version of (run, step) it already made,
-so a publication spooled during an outage and delivered late still gives exactly one version.
+thread (the Tracker's publication thread, the driver ending a run, or `clipflow sync`), so training never
+waits for an upload or a registration, and the Tracker's metric points never wait for a publication (a
+registration logs the model: tens of seconds on a loaded machine). Publishing twice is harmless: the registry
+finds the version of (run, step) it already made, so a publication spooled during an outage and delivered late
+still gives exactly one version.
 
 The queue lives in rank 0's memory (and in the spool during an outage only): a worker group torn down (a lost
 node, a resize, a killed driver) loses what it had queued. So a group that restores a checkpoint queues every
@@ -22,7 +24,7 @@ from typing import Callable, NamedTuple
 import mlflow
 from mlflow import MlflowClient
 
-from workflows.artifacts import CheckpointInfo
+from workflows.artifacts import ArtifactError, CheckpointInfo
 from workflows.common.config import Config
 
 log = logging.getLogger("clipflow.tracking")
@@ -47,15 +49,18 @@ class Publisher:
         self._pending: list[Publication] = []
         self._lock = threading.Lock()
         self._sealed = False  # the run has ended: no upload is still running
+        self.changes = 0  # how often the queue was added to, restored or sealed: a change is looked at at once
 
     def add(self, publication: Publication) -> None:
         with self._lock:
             self._pending.append(publication)
+            self.changes += 1
 
     def restore(self, publications: list[Publication]) -> None:
         """Put spooled publications back in front of the queue (they were published first)."""
         with self._lock:
             self._pending[:0] = [p for p in publications if p not in self._pending]
+            self.changes += 1
 
     def pending(self) -> list[Publication]:
         with self._lock:
@@ -67,7 +72,9 @@ class Publisher:
 
     def seal(self) -> None:
         """The run ended, so every upload has too: a checkpoint still incomplete now never will be."""
-        self._sealed = True
+        with self._lock:
+            self._sealed = True
+            self.changes += 1
 
     def publish_ready(self, call: Call, client: MlflowClient, run_id: str) -> bool:
         """Publish every complete checkpoint in order; False when the server failed (the rest stays queued)."""
@@ -111,8 +118,8 @@ class Publisher:
         except ValueError as exc:  # a CheckpointError or a bad templates file: not an outage, retrying cannot help
             log.warning("MLflow: checkpoint %s (step %d) is not registered: %s", uri, step, exc)
             return
-        except OSError:
-            if CheckpointInfo.is_complete(uri, endpoint):
+        except (OSError, ArtifactError) as exc:  # ArtifactError: its checkpoint.json is gone or unreadable
+            if isinstance(exc, OSError) and CheckpointInfo.is_complete(uri, endpoint):
                 raise  # the checkpoint is there: the store or server is failing (an outage, retried)
             # Not there (any more): drop it, or it would block later ones.
             log.warning("MLflow: checkpoint %s (step %d) is not registered: it is no longer complete at that path "

@@ -42,8 +42,8 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
 import clip_core
 from clip_core import CheckpointError
-from clip_core.checkpoint import export_weights, verify_checkpoint
-from workflows.artifacts import CheckpointInfo, TrainerState
+from clip_core.checkpoint import MANIFEST, export_weights, weights_only
+from workflows.artifacts import ArtifactError, CheckpointInfo, TrainerState
 from workflows.common import storage
 from workflows.common.errors import UserError
 from workflows.tracking.claims import (CLAIMS_SUFFIX, Claim, claimant_id, ensure_registered_model, lease_expired,
@@ -70,23 +70,28 @@ MAX_TAG_CHARS = 5000
 # ---- publishing ------------------------------------------------------------------------------------
 
 
-def stage_checkpoint(uri: str, endpoint: str, dest: Path, wait_s: float = CHECKPOINT_WAIT_S) -> Path:
-    """A verified local copy of the checkpoint at ``uri`` in ``dest/checkpoint``.
+def stage_weights(uri: str, endpoint: str, dest: Path, wait_s: float = CHECKPOINT_WAIT_S) -> Path:
+    """The weights-only export (``export_weights``) of the checkpoint at ``uri``, verified, in
+    ``dest/<CHECKPOINT_ARTIFACT>`` (the artifact is named after its directory).
 
-    Training uploads checkpoints asynchronously, so the directory may still be filling up when it is
-    published: retry until every file matches its file list (clip_core verifies the hashes and shapes).
+    Only checkpoint.json and the files the export keeps are downloaded: a training checkpoint is about three
+    times its weights (AdamW's two moments), and that state stays in storage for resuming. Training uploads
+    checkpoints asynchronously, so the directory may still be filling up when it is published: retry until the
+    files match their file list (clip_core verifies the hashes and shapes).
     """
-    target = dest / "checkpoint"
+    from workflows.tracking.serving import CHECKPOINT_ARTIFACT
+
+    staged, target = dest / "staged", dest / "export" / CHECKPOINT_ARTIFACT
     deadline = time.monotonic() + wait_s
     while True:
         if not CheckpointInfo.has_file_list(uri, endpoint):
             raise FileNotFoundError(f"checkpoint {uri} does not exist (deleted, or never written)")
-        shutil.rmtree(target, ignore_errors=True)
-        storage.download_tree(uri, target, endpoint)
+        shutil.rmtree(staged, ignore_errors=True)
         try:
-            verify_checkpoint(target)
-            return target
-        except CheckpointError:
+            names = [name for name in CheckpointInfo.read(uri, endpoint).files if weights_only(name)]
+            storage.download_tree(uri, staged, endpoint, names=[MANIFEST, *names])
+            return export_weights(staged, target)
+        except (CheckpointError, ArtifactError, FileNotFoundError):
             if time.monotonic() > deadline:
                 raise
             time.sleep(2.0)
@@ -155,18 +160,14 @@ def publish_checkpoint(client: MlflowClient, *, name: str, run_id: str, checkpoi
                        data_manifest: str = "") -> ModelVersion:
     """Register the weights of the checkpoint at ``checkpoint_uri`` as a new version of ``name``, eval_status
     pending."""
-    from workflows.tracking.serving import CHECKPOINT_ARTIFACT
-
     existing = find_published(client, name, run_id, step)
     if existing is not None:
         return existing
     ensure_registered_model(client, name, "CLIP checkpoints published by `clipflow train`; "
                                           "evaluated by `clipflow eval --pending`.")
     with tempfile.TemporaryDirectory(prefix="clipflow-publish-") as tmp:
-        local = stage_checkpoint(checkpoint_uri, endpoint, Path(tmp))
-        meta = CheckpointInfo.read(str(local))
-        # the artifact is named after its directory: the export's must be the serving CHECKPOINT_ARTIFACT
-        lean = export_weights(local, Path(tmp) / "export" / CHECKPOINT_ARTIFACT)
+        lean = stage_weights(checkpoint_uri, endpoint, Path(tmp))
+        meta = CheckpointInfo.read(checkpoint_uri, endpoint)  # the trainer state, which the export leaves out
         info = log_pyfunc(client, lean, run_id, step, templates)
     tags = {
         "run_id": run_id, "step": str(step), "samples_seen": str(samples_seen), "checkpoint_uri": checkpoint_uri,

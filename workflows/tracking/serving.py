@@ -38,6 +38,10 @@ from clip_core.embed import embed_images, embed_texts, images_to_tensor, model_i
 CHECKPOINT_ARTIFACT = "checkpoint"
 CLASSIFIER_CACHE_SIZE = 64  # label sets whose zero-shot classifier a loaded model keeps (least recently used out)
 IMAGE_BATCH = 64  # images per forward pass, so a large request does not hold all activations at once
+# Labels one request may name: ImageNet's 1000 classes fit. Each label is encoded in every template (1000 x 80
+# texts with the paper's ImageNet templates) before the answer, and its classifier stays cached, so an unbounded list
+# would let one request hold the server's CPU and memory.
+MAX_CANDIDATE_LABELS = 1000
 MAX_LISTED_PROBLEMS = 5  # rows a rejection names one by one
 
 
@@ -97,7 +101,7 @@ class ClipPyfunc(mlflow.pyfunc.PythonModel):
             raise MlflowException.invalid_parameter_value(
                 "input needs an 'image' column (base64 text of an image file) and/or a 'text' column "
                 "(MLflow drops any other column before the model sees it)")
-        labels = tuple((params or {}).get("candidate_labels") or ())
+        labels = _checked_labels((params or {}).get("candidate_labels") or ())
         images, texts = _column(model_input, "image"), _column(model_input, "text")
         pixels, image_rows, text_rows = self._checked_rows(images, texts)
         n = len(model_input)
@@ -149,6 +153,24 @@ class ClipPyfunc(mlflow.pyfunc.PythonModel):
                 f"{len(problems)} problem(s) in {len(images)} rows: {'; '.join(problems[:MAX_LISTED_PROBLEMS])}{more}. "
                 f"Send each image as base64 text of an image file and each text as a string; null means none")
         return pixels, image_rows, text_rows
+
+
+def _checked_labels(given: Any) -> tuple[str, ...]:
+    """The request's candidate labels; a MlflowException (HTTP 400) when they cannot name classes."""
+    labels = tuple(given)
+    problems = []
+    if len(labels) > MAX_CANDIDATE_LABELS:
+        problems.append(f"{len(labels)} candidate_labels, more than the {MAX_CANDIDATE_LABELS} one request may "
+                        "name: send fewer, or score a larger label set offline as an eval set (`clipflow eval`)")
+    if any(not isinstance(label, str) or not label.strip() for label in labels):
+        problems.append("every candidate label must be a non-empty string")
+    if len(set(labels)) < len(labels):
+        repeated = sorted({label for label in labels if labels.count(label) > 1})[:MAX_LISTED_PROBLEMS]
+        problems.append(f"candidate_labels repeat {', '.join(map(repr, repeated))}: each label must be given once, "
+                        "else its probability is split between its copies")
+    if problems:
+        raise MlflowException.invalid_parameter_value("; ".join(problems))
+    return labels
 
 
 def _scatter(column: list[Any], rows: list[int], values: torch.Tensor) -> None:

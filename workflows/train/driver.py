@@ -64,7 +64,7 @@ class TrainResult:
 def run_training(cfg: Config, debug: TrainDebug | None = None, run_log: RunLogFactory | None = None,
                  pretrained: str | None = None) -> TrainResult:
     """Validate, then train to the end, reporting to ``run_log`` (clipflow passes its MLflow run:
-    ``workflows.tracking.client.TrainingTracking``); raises UserError for configs that cannot run.
+    ``workflows.tracking.tracker.TrainingTracking``); raises UserError for configs that cannot run.
     ``pretrained``: model.pretrained as the user gave it, when ``cfg`` holds its resolution (see ``prepare_run``)."""
     import ray.train
     from ray.train.torch import TorchTrainer

@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -43,13 +45,14 @@ from workflows.train.preemption import STOP, DriverStopped, StopCheck
 from workflows.train.throughput import mfu, peak_flops, peak_memory_bytes
 
 log = get_logger("train")
+LOCAL_CHECKPOINT_PREFIX = "clipflow-ckpt-"  # + "<pid>-": rank 0's local copy of a checkpoint until Ray uploaded it
 SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # Zhai et al., 2023: t' = log 10, b = -10
 SIGLIP_INIT_LOGIT_BIAS = -10.0
 
 
 class RunLog(Protocol):
     """Where rank 0 reports the run: metrics and checkpoints to publish. clipflow's is the MLflow run
-    (``workflows.tracking.client.TrainingTracking``); training itself knows no tracking server. It must
+    (``workflows.tracking.tracker.TrainingTracking``); training itself knows no tracking server. It must
     never raise into training."""
 
     run_id: str
@@ -398,6 +401,31 @@ def publish_kept(cfg: Config, setup: RunSetup, tracker: RunLog, restored_step: i
                                        step * cfg.train.global_batch_size, final=False)
 
 
+def local_checkpoint_dir() -> str:
+    """A new local directory for rank 0's checkpoint, which Ray deletes once uploaded.
+
+    A process killed during the upload leaves its directory behind: a whole checkpoint (weights and AdamW state)
+    on the node's disk, and Ray starts the next worker in the same node or pod, so each failure would leave one
+    more. The directory's name carries its writer's PID: those of processes that no longer run are removed first.
+    """
+    for path in Path(tempfile.gettempdir()).glob(f"{LOCAL_CHECKPOINT_PREFIX}*-*"):
+        pid = path.name[len(LOCAL_CHECKPOINT_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            log.info("removing %s, left by process %s that is gone (killed during an upload)", path, pid)
+            shutil.rmtree(path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{LOCAL_CHECKPOINT_PREFIX}{os.getpid()}-")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def report_checkpoint(cfg: Config, setup: RunSetup, raw: CLIP, states: dict[str, Any], tracker: RunLog | None, *,
                       rank: int, world: int, step: int, epoch: int, loss: float, samples_per_second: float,
                       sync: bool = False) -> None:
@@ -415,7 +443,7 @@ def report_checkpoint(cfg: Config, setup: RunSetup, raw: CLIP, states: dict[str,
                "mlflow_run_id": tracker.run_id if tracker else "", "world_size": world}
     checkpoint = None
     if rank == 0:
-        local = tempfile.mkdtemp(prefix="clipflow-ckpt-")
+        local = local_checkpoint_dir()
         state = TrainerState(**metrics, epoch=epoch, steps_done_in_epoch=step - epoch * order.steps_per_epoch,
                              global_batch_size=cfg.train.global_batch_size, steps_per_epoch=order.steps_per_epoch,
                              total_steps=setup.total_steps, data_seed=order.seed,

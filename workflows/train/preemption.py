@@ -10,10 +10,14 @@ Two notices reach a training run before it is killed:
   SIGTERM, or ``STOP_WAIT_S`` without the workers returning, stops at once, without that checkpoint.
 - **a node is drained for preemption**: a spot reclaim, an eviction with the ``preStop`` hook of
   ``ray_cluster.yaml`` (``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``), the autoscaler. Ray
-  Train's PreemptionWatcher sees the drain and ``ray.train.get_preemption_info()`` says so on every rank;
-  the group saves a checkpoint at the next check and trains on, as Ray recommends: when the node goes (or
-  its deadline passes) Ray restarts the group on the nodes left, from that checkpoint, counting it against
-  ``FailureConfig.max_preemption_failures`` (unlimited), not ``max_failures``.
+  Train's PreemptionWatcher sees the drain (it polls every 5 s) and ``ray.train.get_preemption_info()`` says so
+  on every rank; the group saves a checkpoint at the next check and trains on, as Ray recommends. Ray 2.60's
+  controller waits for the drain's deadline (120 s without one), then stops the group, whether or not the node
+  is still up, and restarts it on the nodes left from that checkpoint (a ``PreemptionError``, counted against
+  ``FailureConfig.max_preemption_failures``, unlimited, not ``max_failures``). A drained node is never given new
+  work and its raylet exits once nothing runs there; until it has, an elastic restart still counts it, trying the
+  old size for ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` at a time (``tests/test_multinode.py`` drains a node).
+  The head pod, where the driver runs, instead stops its jobs with SIGTERM first (``workflows.ops.stop_jobs``).
 
 Checks run every ``STOP_CHECK_EVERY`` steps, at the same steps on every rank (each is a collective: a
 time-based check would let ranks disagree on which step has one). The driver's flag is read by rank 0 with
@@ -29,9 +33,6 @@ import time
 from types import FrameType
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
 from workflows.common.log import get_logger
 
 log = get_logger("train")
@@ -43,7 +44,8 @@ log = get_logger("train")
 # most 10 steps after the notice (a few seconds for the paper configs), inside ray_cluster.yaml's grace periods.
 STOP_CHECK_EVERY = 10
 # How long the driver waits after a SIGTERM for the workers to checkpoint and return, before it stops anyway.
-# Below ray_cluster.yaml's terminationGracePeriodSeconds (120), leaving time to end the MLflow run.
+# The head pod's stop hook waits at least this long (100 s in ray_cluster.yaml, inside its 120 s grace period;
+# k8s_checks), leaving time to end the MLflow run.
 STOP_WAIT_S = 90.0
 FLAG_TIMEOUT_S = 10.0  # rank 0's wait for the driver's flag at a check
 
@@ -131,7 +133,11 @@ def _stopped(message: str) -> DriverStopped:
 
 
 def agree(flag: bool, group: Any = None) -> bool:
-    """True on every rank if it is True on any rank: one all-reduce (MAX) of a byte, on the CPU."""
+    """True on every rank if it is True on any rank: one all-reduce (MAX) of a byte, on the CPU. (torch is imported
+    where it runs, in the workers: `clipflow submit` and the head's preStop hook read this module's numbers.)"""
+    import torch
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()):
         return flag
     value = torch.tensor([int(flag)], dtype=torch.uint8)
@@ -143,6 +149,8 @@ def cpu_group() -> Any:
     """A process group for CPU tensors: the default one under gloo, else (NCCL) a gloo group made now, which
     every rank must call in the same order (at the loop's start). The flag all-reduce stays off the device's
     stream, so a check never waits for the GPU."""
+    import torch.distributed as dist
+
     if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() == "gloo":
         return None
     return dist.new_group(backend="gloo")
