@@ -193,7 +193,7 @@ def wait_until(done, what: str, bound_s: float = 120.0) -> None:
 def test_metric_points_reach_the_server_while_a_publication_is_pending(
         mlflow_server, home: Path, tokenizer: Tokenizer, caplog: pytest.LogCaptureFixture) -> None:
     """A store that shows a checkpoint's files before their bytes: every file its checkpoint.json lists exists,
-    but the weights do not verify yet, so the publication waits (registry.stage_checkpoint retries). Points
+    but the weights do not verify yet, so the publication waits (registry.stage_weights retries). Points
     logged meanwhile reach the server while it waits (on one delivery thread they queued behind it, and died
     with rank 0 when its group was torn down); the version follows once the weights land."""
     cfg = make_cfg(home, mlflow_server.uri, f"mlflow.registered_model=track-{uuid.uuid4().hex[:8]}")
