@@ -271,7 +271,8 @@ def test_a_lost_node_shrinks_the_group_resumes_exactly_and_grows_back(
     # Back to 2 workers once Ray Train sees the room (scaling.resize_interval_s), again from a checkpoint.
     grow_t, grow, _ = driver.wait_for(GROUP_START, timeout=300, after=node_started)
     regrown = int(grow[2])
-    assert int(grow[1]) == 2 and regrown % CHECKPOINT_EVERY == 0 and regrown > resumed, driver.tail()
+    # The latest checkpoint: the group of 1's own, or (a loaded machine, a resize before it saved one) the same one.
+    assert int(grow[1]) == 2 and regrown % CHECKPOINT_EVERY == 0 and regrown >= resumed, driver.tail()
     regrown_t, _, _ = driver.wait_for(STEP, timeout=120, after=node_started)
     assert driver.wait(timeout=600) == 0, driver.tail()
 
@@ -304,7 +305,9 @@ def test_a_lost_node_shrinks_the_group_resumes_exactly_and_grows_back(
 @pytest.mark.timeout(900)
 def test_a_stopped_driver_is_continued_by_the_same_command(
         cluster: RayCluster, drivers: list[Driver], mlflow_server, train_data: Path, tmp_path: Path) -> None:
-    steps, run_id, model = 20, f"resubmit-{uuid.uuid4().hex[:6]}", f"resubmit-{uuid.uuid4().hex[:6]}"
+    # 40 steps: Ray streams a worker's lines to the driver in batches, so the SIGTERM may come some steps after
+    # the step seen; the stop check it waits for (every STOP_CHECK_EVERY steps) must still come before the end.
+    steps, run_id, model = 40, f"resubmit-{uuid.uuid4().hex[:6]}", f"resubmit-{uuid.uuid4().hex[:6]}"
     run_dir = tmp_path / "runs" / run_id
     overrides = _overrides(train_data, tmp_path, mlflow_server.uri, model, run_id, steps)
     first = Driver(cluster, overrides, tmp_path / "driver-1.log")
@@ -316,7 +319,7 @@ def test_a_stopped_driver_is_continued_by_the_same_command(
     exited_at = time.monotonic()
     _, last_first, _ = first.find(STEP)[-1]
     kept = _checkpoint_steps(run_dir)
-    assert kept and kept[-1] <= int(last_first[1]), kept
+    assert kept and kept[-1] <= int(last_first[1]) and kept[-1] < steps, (kept, first.tail())
 
     second = Driver(cluster, overrides, tmp_path / "driver-2.log")
     drivers.append(second)
