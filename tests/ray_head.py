@@ -177,8 +177,8 @@ class RayCluster:
 
     def drain_node(self, node: str, deadline_s: int) -> None:
         """What a Train pod's preStop hook (ray_cluster.yaml) or a spot reclaim does: `ray drain-node` for preemption
-        with a deadline. Ray keeps the node up (the deadline only says when it will go) and shuts its raylet down
-        once nothing runs there; draining it again with a shorter deadline moves the deadline."""
+        with a deadline. Ray keeps the node up (the deadline only says when it will go; it shuts the raylet down
+        only once the node is idle); draining it again with a shorter deadline moves the deadline."""
         node_id = self.node_id(node)
         assert node_id, f"{node} is not running"
         done = subprocess.run(

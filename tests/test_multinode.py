@@ -14,7 +14,7 @@ suite's MLflow server; a thread stamps each line they print with its arrival tim
 3. Preemption: the node of rank 0 is drained (``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION``, what a
    Train pod's preStop hook runs). The group checkpoints at its next stop check, off the checkpoint grid, and
    trains on; at the drain's deadline Ray Train restarts it (a preemption, not a failure) on the node left, from
-   that checkpoint, and the drained node shuts itself down once its worker is gone. Last in the file, so that no
+   that checkpoint; then the node goes, as the pod or the VM does at its deadline. Last in the file, so that no
    test after it pays for starting the node again (``cluster`` does, for any test that finds a node gone).
 
 ``pytest -s`` prints the timeline (README, Troubleshooting, has the figures and the Ray waits behind them).
@@ -381,14 +381,20 @@ def test_a_drained_node_checkpoints_then_the_group_restarts_from_that_checkpoint
     deadline_at = time.monotonic()
     cluster.drain_node(victim, deadline_s=1)
 
+    # At the deadline Ray Train stops the group (rank 0's worker exits), and then the machine goes: the pod's hook
+    # returns and its grace period ends, or the spot VM is reclaimed. Ray shuts a drained raylet down by itself only
+    # once the node is idle, which what the run's data pipeline still keeps there can put off for minutes (a CI run
+    # waited 300 s); until the node is gone Ray Train's elastic restart counts it and tries a group of 2.
+    rank0_pid = _pid(driver.find(STEP)[-1][2])
+    _wait_until(lambda: not Path(f"/proc/{rank0_pid}").exists(), 120, driver)
+    stopped = "had stopped by itself" if cluster.node_id(victim) is None else "stopped by the test"
+    cluster.kill_node(victim)
+    gone_t = time.monotonic()
+
     restart_t, restart, _ = driver.wait_for(GROUP_START, timeout=300, after=deadline_at)
     assert (int(restart[1]), int(restart[2]), int(restart[3])) == (1, saved, steps), driver.tail()
     again_t, again, _ = driver.wait_for(STEP, timeout=120, after=deadline_at)
     assert int(again[1]) == saved + 1
-    # The drained node shuts itself down once its worker is gone (nothing here stops it). Until then Ray Train's
-    # elastic policy counts it: the restart first waits the start timeout for a group of 2.
-    _wait_until(lambda: cluster.node_id(victim) is None, 300, driver)
-    gone_t = time.monotonic()
     assert driver.wait(timeout=600) == 0, driver.tail()
     output = "\n".join(line for _, line in driver.lines)
     assert "Source: preemption" in output, output[-6000:]  # Ray Train's failure policy: not scaling.max_failures
@@ -408,9 +414,9 @@ def test_a_drained_node_checkpoints_then_the_group_restarts_from_that_checkpoint
 
     print(f"\n[multinode] drained {victim} (rank 0): preemption checkpoint at step {saved} "
           f"{notice_t - drained_at:.1f} s later; deadline moved to now -> group of 1 from step {saved} "
-          f"{restart_t - deadline_at:.1f} s, training again {again_t - deadline_at:.1f} s, node gone "
-          f"{gone_t - deadline_at:.1f} s after; run done in {driver.lines[-1][0] - driver.started:.0f} s; "
-          f"registered steps {registered}")
+          f"{restart_t - deadline_at:.1f} s, training again {again_t - deadline_at:.1f} s, rank 0's worker gone "
+          f"{gone_t - deadline_at:.1f} s after (the node {stopped}); "
+          f"run done in {driver.lines[-1][0] - driver.started:.0f} s; registered steps {registered}")
 
 
 def _wait_until(done: Callable[[], bool], timeout: float, driver: Driver) -> None:

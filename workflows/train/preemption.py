@@ -15,8 +15,9 @@ Two notices reach a training run before it is killed:
   controller waits for the drain's deadline (120 s without one), then stops the group, whether or not the node
   is still up, and restarts it on the nodes left from that checkpoint (a ``PreemptionError``, counted against
   ``FailureConfig.max_preemption_failures``, unlimited, not ``max_failures``). A drained node is never given new
-  work and its raylet exits once nothing runs there; until it has, an elastic restart still counts it, trying the
-  old size for ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` at a time (``tests/test_multinode.py`` drains a node).
+  work, but until it is gone (the pod ends when its hook returns; a drained raylet exits by itself only once the
+  node is idle) an elastic restart still counts it, trying the old size for
+  ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` at a time (``tests/test_multinode.py`` drains a node).
   The head pod, where the driver runs, instead stops its jobs with SIGTERM first (``workflows.ops.stop_jobs``).
 
 Checks run every ``STOP_CHECK_EVERY`` steps, at the same steps on every rank (each is a collective: a
