@@ -231,10 +231,16 @@ def _pid(line: str) -> int | None:
     return int(found[1]) if found else None
 
 
+def _rank0_pid(driver: Driver) -> int | None:
+    """The process of the worker that prints rank 0's step lines (the latest group's)."""
+    _, _, line = driver.find(STEP)[-1]
+    return _pid(line)
+
+
 def _rank0_node(cluster: RayCluster, driver: Driver) -> str:
     """The worker node whose processes include the worker that prints rank 0's step lines."""
-    _, _, line = driver.find(STEP)[-1]
-    (node,) = [n for n in ("node1", "node2") if _pid(line) in ray_processes_under(cluster.temp(n))]
+    rank0 = _rank0_pid(driver)
+    (node,) = [n for n in ("node1", "node2") if rank0 in ray_processes_under(cluster.temp(n))]
     return node
 
 
@@ -366,7 +372,7 @@ def test_a_drained_node_checkpoints_then_the_group_restarts_from_that_checkpoint
     _, first, _ = driver.wait_for(GROUP_START, timeout=300)
     assert (int(first[1]), int(first[2])) == (2, 0), driver.tail()
     driver.wait_for(STEP, timeout=300, accept=lambda m: int(m[1]) >= 2)
-    victim = _rank0_node(cluster, driver)
+    victim, rank0_pid = _rank0_node(cluster, driver), _rank0_pid(driver)
     drained_at = time.monotonic()
     cluster.drain_node(victim, deadline_s=600)  # a deadline far off: the test brings it forward below
 
@@ -385,7 +391,6 @@ def test_a_drained_node_checkpoints_then_the_group_restarts_from_that_checkpoint
     # returns and its grace period ends, or the spot VM is reclaimed. Ray shuts a drained raylet down by itself only
     # once the node is idle, which what the run's data pipeline still keeps there can put off for minutes (a CI run
     # waited 300 s); until the node is gone Ray Train's elastic restart counts it and tries a group of 2.
-    rank0_pid = _pid(driver.find(STEP)[-1][2])
     _wait_until(lambda: not Path(f"/proc/{rank0_pid}").exists(), 120, driver)
     stopped = "had stopped by itself" if cluster.node_id(victim) is None else "stopped by the test"
     cluster.kill_node(victim)
